@@ -1,0 +1,179 @@
+"""The generation loop and the figures an operator compares at the end of a run.
+
+generate() drives any engine with this shape:
+    forward(tokens: list[int]) -> np.ndarray   logits of the last token; advances position
+    position: int                              tokens already in the KV cache
+    max_seq_len: int                           the context size
+    reset()                                    empty the KV cache (position 0)
+    stats() -> dict (optional)                 cumulative counters since the engine started:
+                                               sync_ms, sent_kb, recv_kb (each optional)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Protocol, Sequence
+
+import numpy as np
+
+from dllama.sampler import Sampler
+
+NET_STATS = ("sync_ms", "sent_kb", "recv_kb")
+
+
+class EngineLike(Protocol):
+    position: int
+    max_seq_len: int
+
+    def forward(self, tokens: list[int]) -> np.ndarray: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # generated ids, without the eos that stopped generation
+    finish_reason: str  # "stop": an eos id; "length": steps reached or context full
+    prefill_tokens: int  # prompt tokens evaluated in the one prefill call
+    prefill_seconds: float  # that call plus sampling the first token
+    decode_tokens: int  # one-token forward calls after the prefill
+    decode_seconds: float  # those calls plus sampling after each
+    text: str = ""  # filled when generate() is given a tokenizer
+    # per-token averages of the engine's network counters, when it has them
+    prefill_net: dict[str, float] = field(default_factory=dict)
+    decode_net: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return _rate(self.prefill_tokens, self.prefill_seconds)
+
+    @property
+    def prefill_ms_per_token(self) -> float:
+        return _per_token_ms(self.prefill_tokens, self.prefill_seconds)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return _rate(self.decode_tokens, self.decode_seconds)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return _per_token_ms(self.decode_tokens, self.decode_seconds)
+
+
+def generate(
+    engine: EngineLike,
+    prompt_ids: Sequence[int],
+    *,
+    steps: int,
+    sampler: Sampler,
+    eos_ids: Collection[int],
+    on_token: Callable[[int], None] | None = None,
+    tokenizer: Any = None,
+) -> GenerationResult:
+    """Evaluate prompt_ids from the engine's current position in one forward call, then sample
+    up to `steps` tokens, one forward call each. Stops at an eos id (not returned), after
+    `steps` tokens, or when the context is full. on_token(id) sees every returned token as it
+    is sampled. The caller resets the engine when it wants a fresh context."""
+    prompt_ids = [int(t) for t in prompt_ids]
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: nothing to continue from")
+    start = engine.position
+    if start + len(prompt_ids) > engine.max_seq_len:
+        raise ValueError(
+            f"the prompt ({len(prompt_ids)} tokens, from position {start}) does not fit in the context "
+            f"({engine.max_seq_len} tokens); raise --max-seq-len or shorten the prompt"
+        )
+    eos = frozenset(int(t) for t in eos_ids)
+    tokens: list[int] = []
+
+    net0 = _net_stats(engine)
+    t0 = time.perf_counter()
+    logits = engine.forward(prompt_ids)
+    token = sampler.sample(logits) if steps > 0 else None
+    prefill_seconds = time.perf_counter() - t0
+    net1 = _net_stats(engine)
+
+    decode_tokens = 0
+    decode_seconds = 0.0
+    finish_reason = "length"
+    while token is not None:
+        if token in eos:
+            finish_reason = "stop"
+            break
+        tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if len(tokens) >= steps or engine.position >= engine.max_seq_len:
+            break
+        t0 = time.perf_counter()
+        logits = engine.forward([token])
+        token = sampler.sample(logits)
+        decode_seconds += time.perf_counter() - t0
+        decode_tokens += 1
+    net2 = _net_stats(engine)
+
+    return GenerationResult(
+        tokens=tokens,
+        finish_reason=finish_reason,
+        prefill_tokens=len(prompt_ids),
+        prefill_seconds=prefill_seconds,
+        decode_tokens=decode_tokens,
+        decode_seconds=decode_seconds,
+        text=tokenizer.decode(tokens) if tokenizer is not None else "",
+        prefill_net=_per_token(net0, net1, len(prompt_ids)),
+        decode_net=_per_token(net1, net2, decode_tokens),
+    )
+
+
+def format_stats(result: GenerationResult) -> str:
+    """The closing block, in Distributed Llama's words:
+
+    Evaluation
+        nTokens: 12
+       tokens/s: 95.21 (10.50 ms/tok)
+    Prediction
+        nTokens: 63
+       tokens/s: 8.40 (119.05 ms/tok)
+           sync: 31.20 ms/tok
+           sent: 96.0 kB/tok
+           recv: 96.0 kB/tok
+    """
+    lines: list[str] = []
+    for title, n, seconds, net in (
+        ("Evaluation", result.prefill_tokens, result.prefill_seconds, result.prefill_net),
+        ("Prediction", result.decode_tokens, result.decode_seconds, result.decode_net),
+    ):
+        lines.append(title)
+        lines.append(f"    nTokens: {n}")
+        lines.append(f"   tokens/s: {_rate(n, seconds):.2f} ({_per_token_ms(n, seconds):.2f} ms/tok)")
+        if "sync_ms" in net:
+            lines.append(f"       sync: {net['sync_ms']:.2f} ms/tok")
+        if "sent_kb" in net:
+            lines.append(f"       sent: {net['sent_kb']:.1f} kB/tok")
+        if "recv_kb" in net:
+            lines.append(f"       recv: {net['recv_kb']:.1f} kB/tok")
+    return "\n".join(lines)
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if n and seconds > 0 else 0.0
+
+
+def _per_token_ms(n: int, seconds: float) -> float:
+    return seconds * 1000.0 / n if n else 0.0
+
+
+def _net_stats(engine: Any) -> dict[str, float]:
+    stats = getattr(engine, "stats", None)
+    if not callable(stats):
+        return {}
+    values = stats() or {}
+    return {k: float(values[k]) for k in NET_STATS if values.get(k) is not None}
+
+
+def _per_token(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    if not n:
+        return {}
+    return {k: (after[k] - before.get(k, 0.0)) / n for k in NET_STATS if k in after}

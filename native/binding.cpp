@@ -1,0 +1,224 @@
+// The one binding file: block formats for the converter and tests, and the per-node
+// Transformer the engine drives one step at a time (with the GIL released while it runs).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "forward.h"
+#include "kernels.h"
+#include "membench.h"
+
+namespace py = pybind11;
+using namespace dllama;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<uint8_t, py::array::c_style>;
+
+std::vector<py::ssize_t> shape_of(const py::buffer_info& info) {
+    return std::vector<py::ssize_t>(info.shape.begin(), info.shape.end());
+}
+
+template <typename Block, typename Quantize>
+ByteArray quantize(FloatArray x, Quantize quantize_row) {
+    py::buffer_info in = x.request();
+    if (in.ndim < 1) throw std::invalid_argument("quantize needs at least one dimension");
+    const py::ssize_t n = in.shape[in.ndim - 1];
+    if (n % kBlockSize) throw std::invalid_argument("the last dimension (" + std::to_string(n) + ") must be a multiple of 32");
+    auto shape = shape_of(in);
+    shape.back() = n / kBlockSize * sizeof(Block);
+    ByteArray out(shape);
+    const py::ssize_t rows = n ? in.size / n : 0;
+    const float* src = static_cast<const float*>(in.ptr);
+    Block* dst = reinterpret_cast<Block*>(out.mutable_data());
+    {
+        py::gil_scoped_release release;
+        for (py::ssize_t r = 0; r < rows; r++) quantize_row(src + r * n, dst + r * (n / kBlockSize), (int)n);
+    }
+    return out;
+}
+
+template <typename Block, typename Dequantize>
+FloatArray dequantize(ByteArray b, Dequantize dequantize_row) {
+    py::buffer_info in = b.request();
+    if (in.ndim < 1) throw std::invalid_argument("dequantize needs at least one dimension");
+    const py::ssize_t bytes = in.shape[in.ndim - 1];
+    if (bytes % sizeof(Block))
+        throw std::invalid_argument("the last dimension (" + std::to_string(bytes) + " bytes) must be a multiple of " +
+                                    std::to_string(sizeof(Block)));
+    const py::ssize_t blocks = bytes / sizeof(Block), n = blocks * kBlockSize;
+    auto shape = shape_of(in);
+    shape.back() = n;
+    FloatArray out(shape);
+    const py::ssize_t rows = bytes ? in.size / bytes : 0;
+    const Block* src = reinterpret_cast<const Block*>(in.ptr);
+    float* dst = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        for (py::ssize_t r = 0; r < rows; r++) dequantize_row(src + r * blocks, dst + r * n, (int)n);
+    }
+    return out;
+}
+
+template <typename T>
+T get(const py::dict& d, const char* key, T fallback) {
+    return d.contains(key) ? d[key].cast<T>() : fallback;
+}
+
+template <typename T>
+T need(const py::dict& d, const char* key) {
+    if (!d.contains(key)) throw std::invalid_argument(std::string("model config lacks '") + key + "'");
+    return d[key].cast<T>();
+}
+
+ModelConfig config_from(const py::dict& d) {
+    ModelConfig c;
+    const int arch = need<int>(d, "arch");
+    if (arch != (int)Arch::Llama && arch != (int)Arch::Qwen3 && arch != (int)Arch::Qwen3Moe)
+        throw std::invalid_argument("unknown architecture " + std::to_string(arch));
+    c.arch = (Arch)arch;
+    c.dim = need<int>(d, "dim");
+    c.hidden_dim = get<int>(d, "hidden_dim", 0);
+    c.n_layers = need<int>(d, "n_layers");
+    c.n_heads = need<int>(d, "n_heads");
+    c.n_kv_heads = need<int>(d, "n_kv_heads");
+    c.head_dim = get<int>(d, "head_dim", c.n_heads ? c.dim / c.n_heads : 0);
+    c.n_experts = get<int>(d, "n_experts", 0);
+    c.n_active_experts = get<int>(d, "n_active_experts", 0);
+    c.moe_hidden_dim = get<int>(d, "moe_hidden_dim", 0);
+    c.vocab_size = need<int>(d, "vocab_size");
+    c.rope_theta = get<double>(d, "rope_theta", 10000.0);
+    const std::string style = get<std::string>(d, "rope_style", "interleaved");
+    if (style != "interleaved" && style != "rotate_half")
+        throw std::invalid_argument("rope_style must be 'interleaved' or 'rotate_half'");
+    c.rope_style = style == "interleaved" ? RopeStyle::Interleaved : RopeStyle::RotateHalf;
+    c.rope_scaling.factor = get<float>(d, "rope_scaling_factor", 0);
+    c.rope_scaling.low_freq_factor = get<float>(d, "rope_scaling_low_freq_factor", 0);
+    c.rope_scaling.high_freq_factor = get<float>(d, "rope_scaling_high_freq_factor", 0);
+    c.rope_scaling.orig_max_seq_len = get<int>(d, "rope_scaling_orig_max_seq_len", 0);
+    if (c.rope_scaling.factor > 0 &&
+        (c.rope_scaling.orig_max_seq_len <= 0 || c.rope_scaling.high_freq_factor <= c.rope_scaling.low_freq_factor ||
+         c.rope_scaling.low_freq_factor <= 0))
+        throw std::invalid_argument("llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and orig_max_seq_len > 0");
+    c.norm_eps = get<float>(d, "norm_eps", 1e-5f);
+    c.weight_type = (FloatType)get<int>(d, "weight_type", (int)FloatType::Q40);
+    return c;
+}
+
+SlicePlan plan_from(const ModelConfig& c, const py::object& obj) {
+    SlicePlan p = SlicePlan::whole(c);
+    if (obj.is_none()) return p;
+    const py::dict d = obj.cast<py::dict>();
+    auto range = [&](const char* key, int& begin, int& end, int limit) {
+        if (!d.contains(key)) return;
+        auto pair = d[key].cast<std::pair<int, int>>();
+        if (pair.first < 0 || pair.second <= pair.first || pair.second > limit)
+            throw std::invalid_argument(std::string("slice plan: bad range for ") + key);
+        begin = pair.first;
+        end = pair.second;
+    };
+    range("q_heads", p.q_head_begin, p.q_head_end, c.n_heads);
+    range("kv_heads", p.kv_head_begin, p.kv_head_end, c.n_kv_heads);
+    range("ffn", p.ffn_begin, p.ffn_end, c.hidden_dim);
+    range("moe", p.moe_begin, p.moe_end, c.moe_hidden_dim);
+    range("vocab", p.vocab_begin, p.vocab_end, c.vocab_size);
+    return p;
+}
+
+// Owns the Transformer and keeps every buffer it reads weights from alive.
+struct PyTransformer {
+    std::unique_ptr<Transformer> model;
+    std::vector<py::object> owners;
+    std::mutex busy;  // one step at a time, whichever Python thread asks
+
+    PyTransformer(const py::dict& config, const py::object& plan, int n_threads, int max_seq_len, int max_batch) {
+        if (n_threads < 1 || n_threads > 1024) throw std::invalid_argument("nthreads must be between 1 and 1024");
+        if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
+        if (max_batch < 1) throw std::invalid_argument("max_batch must be positive");
+        const ModelConfig c = config_from(config);
+        model = std::make_unique<Transformer>(c, plan_from(c, plan), n_threads, max_seq_len, max_batch);
+    }
+
+    void bind(const std::string& name, const py::buffer& buffer, size_t offset, int rows, int cols, size_t row_stride,
+              int type) {
+        if (type != (int)FloatType::F32 && type != (int)FloatType::Q40)
+            throw std::invalid_argument("tensor " + name + ": unsupported float type " + std::to_string(type));
+        py::buffer_info info = buffer.request();
+        const size_t size = (size_t)info.size * info.itemsize;
+        if (rows < 1 || cols < 1) throw std::invalid_argument("tensor " + name + ": empty shape");
+        const size_t need = (size_t)(rows - 1) * row_stride + row_bytes((FloatType)type, cols);
+        if (offset > size || need > size - offset)
+            throw std::invalid_argument("tensor " + name + ": needs " + std::to_string(need) + " bytes at offset " +
+                                        std::to_string(offset) + ", buffer has " + std::to_string(size));
+        model->bind(name, static_cast<const uint8_t*>(info.ptr) + offset, rows, cols, row_stride, (FloatType)type);
+        owners.push_back(buffer);
+    }
+
+    py::object forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int pos, bool logits) {
+        if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a flat sequence of ints");
+        const int n = (int)tokens.size();
+        std::vector<int> ids(tokens.data(), tokens.data() + n);
+        py::array_t<float> out;
+        float* dst = nullptr;
+        if (logits) {
+            out = py::array_t<float>(model->plan().vocab());
+            dst = out.mutable_data();
+        }
+        {
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(busy);
+            model->forward(ids.data(), n, pos, dst);
+        }
+        if (!logits) return py::none();
+        return std::move(out);
+    }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "dllama native core: block formats, kernels and the per-node forward pass";
+
+    m.def("kernel_name", [] { return std::string(kernels().name); },
+          "The kernel set chosen for this CPU (DLLAMA_KERNELS=generic forces the portable one).");
+    m.def("quantize_q40", [](FloatArray x) { return quantize<BlockQ40>(x, kernels().quantize_row_q40); }, py::arg("x"),
+          "Quantize float32 rows (last dim a multiple of 32) into Q40 blocks, 18 bytes per 32 values.");
+    m.def("dequantize_q40", [](ByteArray b) { return dequantize<BlockQ40>(b, kernels().dequantize_row_q40); },
+          py::arg("blocks"));
+    m.def("quantize_q80", [](FloatArray x) { return quantize<BlockQ80>(x, kernels().quantize_row_q80); }, py::arg("x"),
+          "Quantize float32 rows (last dim a multiple of 32) into Q80 blocks, 34 bytes per 32 values.");
+    m.def("dequantize_q80", [](ByteArray b) { return dequantize<BlockQ80>(b, kernels().dequantize_row_q80); },
+          py::arg("blocks"));
+
+    m.def(
+        "measure_read_bandwidth",
+        [](size_t bytes, int nthreads, int repeats) {
+            if (nthreads < 1 || repeats < 1 || bytes < (1 << 20))
+                throw std::invalid_argument("need nthreads >= 1, repeats >= 1 and at least 1 MiB");
+            py::gil_scoped_release release;
+            return measure_read_bandwidth(bytes, nthreads, repeats);
+        },
+        py::arg("bytes") = (size_t)1 << 30, py::arg("nthreads") = 1, py::arg("repeats") = 5,
+        "Bytes per second that nthreads threads stream from memory (best of repeats).");
+
+    py::class_<PyTransformer>(m, "Transformer")
+        .def(py::init<const py::dict&, const py::object&, int, int, int>(), py::arg("config"), py::arg("plan") = py::none(),
+             py::arg("nthreads") = 1, py::arg("max_seq_len") = 4096, py::arg("max_batch") = 64)
+        .def("bind", &PyTransformer::bind, py::arg("name"), py::arg("buffer"), py::arg("offset"), py::arg("rows"),
+             py::arg("cols"), py::arg("row_stride"), py::arg("type"))
+        .def("check_bound", [](PyTransformer& self) { self.model->check_bound(); })
+        .def("forward", &PyTransformer::forward, py::arg("tokens"), py::arg("pos"), py::arg("logits") = true)
+        .def_property_readonly("max_seq_len", [](PyTransformer& self) { return self.model->max_seq_len(); })
+        .def_property_readonly("max_batch", [](PyTransformer& self) { return self.model->max_batch(); })
+        .def_property_readonly("nthreads", [](PyTransformer& self) { return self.model->n_threads(); })
+        .def_property_readonly("vocab_slice", [](PyTransformer& self) {
+            const SlicePlan& p = self.model->plan();
+            return std::make_pair(p.vocab_begin, p.vocab_end);
+        });
+}

@@ -1,0 +1,349 @@
+#include "forward.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "kernels.h"
+
+namespace dllama {
+
+static void require(bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument(what);
+}
+
+Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads, int max_seq_len,
+                         int max_batch)
+    : config_(c),
+      plan_(p),
+      max_seq_len_(max_seq_len),
+      max_batch_(max_batch),
+      pool_(n_threads),
+      rope_(c.head_dim, max_seq_len, c.rope_theta, c.rope_scaling) {
+    require(c.dim > 0 && c.n_layers > 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.head_dim > 0 &&
+                c.vocab_size > 0,
+            "model dimensions must be positive");
+    require(c.n_heads % c.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
+    require(c.head_dim % 2 == 0, "head_dim must be even for RoPE");
+    require(max_seq_len > 0 && max_batch > 0, "max_seq_len and max_batch must be positive");
+    require(!c.is_moe() || (c.n_experts > 0 && c.n_active_experts > 0 &&
+                            c.n_active_experts <= c.n_experts && c.moe_hidden_dim > 0),
+            "a MoE model needs n_experts >= n_active_experts > 0 and moe_hidden_dim > 0");
+    require(c.is_moe() || c.hidden_dim > 0, "a dense model needs hidden_dim > 0");
+    q_dim_ = p.q_heads() * c.head_dim;
+    kv_dim_ = p.kv_heads() * c.head_dim;
+    ffn_dim_ = c.is_moe() ? 0 : p.ffn();
+    moe_dim_ = c.is_moe() ? p.moe() : 0;
+    const int group = c.n_heads / c.n_kv_heads;
+    require(p.q_heads() > 0 && p.q_head_begin >= 0 && p.q_head_end <= c.n_heads,
+            "slice plan: bad query head range");
+    require(p.kv_head_begin == p.q_head_begin / group &&
+                p.kv_head_end == (p.q_head_end - 1) / group + 1,
+            "slice plan: kv heads must be exactly those its query heads read");
+    if (c.weight_type == FloatType::Q40) {
+        const int32_t dims[] = {c.dim, q_dim_, ffn_dim_, moe_dim_};
+        for (int d : dims)
+            require(d % kBlockSize == 0, "Q40 weights need every sliced dimension to be a multiple of 32");
+    } else {
+        require(c.weight_type == FloatType::F32, "weights must be F32 or Q40");
+    }
+
+    const size_t B = max_batch, dim = c.dim;
+    const int k = c.is_moe() ? c.n_active_experts : 1;
+    const int hidden = c.is_moe() ? moe_dim_ : ffn_dim_;
+    x_.resize(B * dim);
+    xb_.resize(B * dim);
+    xq_.resize(B * dim / kBlockSize);
+    q_.resize(B * q_dim_);
+    k_.resize(B * kv_dim_);
+    v_.resize(B * kv_dim_);
+    att_.resize(B * q_dim_);
+    attq_.resize(B * q_dim_ / kBlockSize);
+    part_.resize(B * dim);
+    scores_.resize((size_t)pool_.size() * max_seq_len);
+    h1_.resize(B * k * hidden);
+    h3_.resize(B * k * hidden);
+    hq_.resize(B * k * hidden / kBlockSize);
+    final_.resize(dim);
+    finalq_.resize(dim / kBlockSize);
+    if (c.is_moe()) {
+        router_.resize(B * c.n_experts);
+        if (c.weight_type == FloatType::Q40) gxq_.resize(B * k * dim / kBlockSize);
+        else gx_.resize(B * k * dim);
+        eout_.resize(B * k * dim);
+        route_expert_.resize(B * k);
+        route_weight_.resize(B * k);
+        route_slot_.resize(B * k);
+    }
+    weights_.layers.resize(c.n_layers);
+    for (auto& l : weights_.layers) l.experts.resize(c.is_moe() ? c.n_experts : 0);
+    key_cache_.resize(c.n_layers);
+    value_cache_.resize(c.n_layers);
+    for (int l = 0; l < c.n_layers; l++) {
+        key_cache_[l].assign((size_t)max_seq_len * kv_dim_, 0.0f);
+        value_cache_[l].assign((size_t)max_seq_len * kv_dim_, 0.0f);
+    }
+}
+
+void Transformer::bind(const std::string& name, const uint8_t* data, int rows, int cols,
+                       size_t row_stride, FloatType type) {
+    TensorSlot slot = find_tensor_slot(weights_, config_, plan_, name);
+    auto shape = [](int r, int c) { return "[" + std::to_string(r) + ", " + std::to_string(c) + "]"; };
+    require(rows == slot.rows && cols == slot.cols,
+            "tensor " + name + ": expected shape " + shape(slot.rows, slot.cols) + ", got " + shape(rows, cols));
+    require(type == slot.type, "tensor " + name + ": unexpected float type " + std::to_string((int)type));
+    require(data != nullptr, "tensor " + name + ": no data");
+    require(row_stride >= row_bytes(type, cols), "tensor " + name + ": row stride shorter than a row");
+    *slot.tensor = Tensor{data, type, rows, cols, row_stride};
+}
+
+void Transformer::check_bound() const {
+    auto& weights = const_cast<Weights&>(weights_);
+    for (const std::string& name : tensor_names(config_)) {
+        if (find_tensor_slot(weights, config_, plan_, name).tensor->data == nullptr)
+            throw std::invalid_argument("tensor " + name + " was not loaded");
+    }
+}
+
+void Transformer::run_matmuls(const MatmulJob* jobs, int n_jobs) {
+    const Kernels& kern = kernels();
+    // every thread takes the same share of each matrix's rows: equal work, and each thread
+    // streams its own contiguous part of every weight
+    pool_.run([&](int t, int nt) {
+        for (int j = 0; j < n_jobs; j++) {
+            const MatmulJob& job = jobs[j];
+            const Tensor& w = *job.w;
+            if (job.batch == 0) continue;
+            const int r0 = (int)((int64_t)w.rows * t / nt), r1 = (int)((int64_t)w.rows * (t + 1) / nt);
+            if (r0 == r1) continue;
+            if (w.type == FloatType::Q40) {
+                kern.matmul_q40_q80(job.y, w.rows, w.data, w.row_stride, static_cast<const BlockQ80*>(job.x),
+                                    w.cols / kBlockSize, w.cols, r0, r1, job.batch);
+            } else {
+                kern.matmul_f32(job.y, w.rows, w.data, w.row_stride, static_cast<const float*>(job.x),
+                                w.cols, w.cols, r0, r1, job.batch);
+            }
+        }
+    });
+}
+
+const void* Transformer::matmul_input(const float* x, BlockQ80* xq, int rows, int cols) {
+    if (config_.weight_type != FloatType::Q40) return x;
+    const Kernels& kern = kernels();
+    const int blocks = cols / kBlockSize;
+    if (rows == 1) {
+        kern.quantize_row_q80(x, xq, cols);
+    } else {
+        pool_.run([&](int t, int nt) {
+            for (int r = t; r < rows; r += nt) kern.quantize_row_q80(x + (size_t)r * cols, xq + (size_t)r * blocks, cols);
+        });
+    }
+    return xq;
+}
+
+void Transformer::sync(float* x, int n) {
+    if (all_reduce_) all_reduce_->sum(x, n, config_.dim);
+}
+
+void Transformer::forward(const int* tokens, int n, int pos, float* logits) {
+    if (n <= 0) throw std::invalid_argument("forward needs at least one token");
+    if (pos < 0 || (int64_t)pos + n > max_seq_len_)
+        throw std::invalid_argument("position " + std::to_string(pos) + " + " + std::to_string(n) +
+                                    " tokens exceeds max_seq_len " + std::to_string(max_seq_len_));
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= config_.vocab_size)
+            throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
+                                        std::to_string(config_.vocab_size) + ")");
+    for (int done = 0; done < n; done += max_batch_) {
+        const int chunk = std::min(max_batch_, n - done);
+        forward_chunk(tokens + done, chunk, pos + done, done + chunk == n ? logits : nullptr);
+    }
+}
+
+void Transformer::forward_chunk(const int* tokens, int n, int pos, float* logits) {
+    const ModelConfig& c = config_;
+    const size_t dim = c.dim;
+
+    // token embedding
+    for (int b = 0; b < n; b++) std::memcpy(&x_[b * dim], weights_.embedding.row(tokens[b]), dim * sizeof(float));
+
+    for (int l = 0; l < c.n_layers; l++) {
+        const LayerWeights& L = weights_.layers[l];
+        // attention block: x += wo(attention(norm(x)))
+        for (int b = 0; b < n; b++) rmsnorm(&xb_[b * dim], &x_[b * dim], L.attn_norm.f32(), c.dim, c.norm_eps);
+        attention(l, n, pos);
+        sync(part_.data(), n);
+        for (size_t i = 0; i < n * dim; i++) x_[i] += part_[i];
+
+        // feed-forward block: x += ffn(norm(x))
+        for (int b = 0; b < n; b++) rmsnorm(&xb_[b * dim], &x_[b * dim], L.ffn_norm.f32(), c.dim, c.norm_eps);
+        if (c.is_moe()) moe_ffn(l, n);
+        else dense_ffn(l, n);
+        sync(part_.data(), n);
+        for (size_t i = 0; i < n * dim; i++) x_[i] += part_[i];
+    }
+
+    if (!logits) return;
+    // final norm and LM head, last token only
+    rmsnorm(final_.data(), &x_[(n - 1) * dim], weights_.final_norm.f32(), c.dim, c.norm_eps);
+    const void* in = matmul_input(final_.data(), finalq_.data(), 1, c.dim);
+    MatmulJob job{&weights_.lm_head, logits, in, 1};
+    run_matmuls(&job, 1);
+}
+
+void Transformer::attention(int l, int n, int pos) {
+    const ModelConfig& c = config_;
+    const LayerWeights& L = weights_.layers[l];
+    const Kernels& kern = kernels();
+    const int hd = c.head_dim, n_q = plan_.q_heads(), n_kv = plan_.kv_heads();
+    const int group = c.n_heads / c.n_kv_heads;
+
+    // q, k, v projections of every token in one pass over the weights
+    const void* in = matmul_input(xb_.data(), xq_.data(), n, c.dim);
+    const MatmulJob qkv[] = {{&L.wq, q_.data(), in, n}, {&L.wk, k_.data(), in, n}, {&L.wv, v_.data(), in, n}};
+    run_matmuls(qkv, 3);
+
+    // per-head q/k norm (qwen3), rotary position, then k and v into the cache
+    std::vector<float>& kc = key_cache_[l];
+    std::vector<float>& vc = value_cache_[l];
+    const RopeStyle style = c.rope_style;
+    pool_.for_chunks(n, [&](int b) {
+        float* q = &q_[(size_t)b * q_dim_];
+        float* k = &k_[(size_t)b * kv_dim_];
+        if (c.has_qk_norm()) {
+            for (int h = 0; h < n_q; h++) rmsnorm(q + h * hd, q + h * hd, L.q_norm.f32(), hd, c.norm_eps);
+            for (int h = 0; h < n_kv; h++) rmsnorm(k + h * hd, k + h * hd, L.k_norm.f32(), hd, c.norm_eps);
+        }
+        rope_.apply(q, n_q, pos + b, style);
+        rope_.apply(k, n_kv, pos + b, style);
+        std::memcpy(&kc[(size_t)(pos + b) * kv_dim_], k, kv_dim_ * sizeof(float));
+        std::memcpy(&vc[(size_t)(pos + b) * kv_dim_], &v_[(size_t)b * kv_dim_], kv_dim_ * sizeof(float));
+    });
+
+    // causal attention: token b at position pos+b sees positions 0..pos+b
+    const float scale = 1.0f / std::sqrt((float)hd);
+    pool_.run([&](int t, int nt) {
+        float* scores = &scores_[(size_t)t * max_seq_len_];
+        for (int task = t; task < n * n_q; task += nt) {
+            const int b = task / n_q, h = task % n_q;
+            const int kvh = (plan_.q_head_begin + h) / group - plan_.kv_head_begin;
+            const int len = pos + b + 1;
+            const float* q = &q_[(size_t)b * q_dim_ + h * hd];
+            for (int s = 0; s < len; s++) scores[s] = kern.vec_dot_f32(hd, q, &kc[(size_t)s * kv_dim_ + kvh * hd]) * scale;
+            softmax(scores, len);
+            float* out = &att_[(size_t)b * q_dim_ + h * hd];
+            std::memset(out, 0, hd * sizeof(float));
+            for (int s = 0; s < len; s++) kern.vec_mad_f32(hd, out, &vc[(size_t)s * kv_dim_ + kvh * hd], scores[s]);
+        }
+    });
+
+    // output projection: this node's heads' share of the residual update
+    const void* ain = matmul_input(att_.data(), attq_.data(), n, q_dim_);
+    MatmulJob o{&L.wo, part_.data(), ain, n};
+    run_matmuls(&o, 1);
+}
+
+void Transformer::dense_ffn(int l, int n) {
+    const LayerWeights& L = weights_.layers[l];
+    const int hidden = ffn_dim_;
+    // w2(silu(w1 x) * w3 x)
+    const void* in = matmul_input(xb_.data(), xq_.data(), n, config_.dim);
+    const MatmulJob gate_up[] = {{&L.gate, h1_.data(), in, n}, {&L.up, h3_.data(), in, n}};
+    run_matmuls(gate_up, 2);
+    pool_.for_chunks(n, [&](int b) {
+        float* h = &h1_[(size_t)b * hidden];
+        silu_mul(h, h, &h3_[(size_t)b * hidden], hidden);
+    });
+    const void* hin = matmul_input(h1_.data(), hq_.data(), n, hidden);
+    MatmulJob down{&L.down, part_.data(), hin, n};
+    run_matmuls(&down, 1);
+}
+
+void Transformer::moe_ffn(int l, int n) {
+    const ModelConfig& c = config_;
+    const LayerWeights& L = weights_.layers[l];
+    const Kernels& kern = kernels();
+    const int E = c.n_experts, k = c.n_active_experts, hidden = moe_dim_;
+    const size_t dim = c.dim;
+    const bool quantized = c.weight_type == FloatType::Q40;
+
+    // router: softmax over all experts, keep the top k, renormalise their probabilities
+    MatmulJob router{&L.router, router_.data(), xb_.data(), n};
+    run_matmuls(&router, 1);
+    std::vector<int> count(E, 0);
+    for (int b = 0; b < n; b++) {
+        float* p = &router_[(size_t)b * E];
+        softmax(p, E);
+        int* chosen = &route_expert_[(size_t)b * k];
+        float* w = &route_weight_[(size_t)b * k];
+        float total = 0;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                if (std::find(chosen, chosen + j, e) != chosen + j) continue;
+                if (best < 0 || p[e] > p[best]) best = e;
+            }
+            chosen[j] = best;
+            w[j] = p[best];
+            total += p[best];
+            count[best]++;
+        }
+        for (int j = 0; j < k; j++) w[j] /= total;
+    }
+
+    // group the (token, choice) pairs by expert so each expert's weights are read once
+    std::vector<int> offset(E + 1, 0);
+    for (int e = 0; e < E; e++) offset[e + 1] = offset[e] + count[e];
+    std::vector<int> fill(offset.begin(), offset.end() - 1);
+    for (int a = 0; a < n * k; a++) route_slot_[a] = fill[route_expert_[a]]++;
+    const int rows = n * k;
+    const size_t blocks = dim / kBlockSize;
+    if (quantized) {
+        matmul_input(xb_.data(), xq_.data(), n, c.dim);
+        for (int a = 0; a < rows; a++)
+            std::memcpy(&gxq_[route_slot_[a] * blocks], &xq_[(a / k) * blocks], blocks * sizeof(BlockQ80));
+    } else {
+        for (int a = 0; a < rows; a++)
+            std::memcpy(&gx_[route_slot_[a] * dim], &xb_[(a / k) * dim], dim * sizeof(float));
+    }
+    auto gathered = [&](int slot) -> const void* {
+        return quantized ? (const void*)&gxq_[slot * blocks] : (const void*)&gx_[slot * dim];
+    };
+
+    // every chosen expert: silu(w1 x) * w3 x over its tokens
+    std::vector<MatmulJob> jobs;
+    for (int e = 0; e < E; e++) {
+        if (!count[e]) continue;
+        const ExpertWeights& X = L.experts[e];
+        jobs.push_back({&X.gate, &h1_[(size_t)offset[e] * hidden], gathered(offset[e]), count[e]});
+        jobs.push_back({&X.up, &h3_[(size_t)offset[e] * hidden], gathered(offset[e]), count[e]});
+    }
+    run_matmuls(jobs.data(), (int)jobs.size());
+    pool_.for_chunks(rows, [&](int r) {
+        float* h = &h1_[(size_t)r * hidden];
+        silu_mul(h, h, &h3_[(size_t)r * hidden], hidden);
+    });
+    const void* hin = matmul_input(h1_.data(), hq_.data(), rows, hidden);
+    const size_t hstride = quantized ? hidden / kBlockSize : hidden;
+
+    // w2 of every chosen expert, then each token's outputs weighted by its router probabilities
+    jobs.clear();
+    for (int e = 0; e < E; e++) {
+        if (!count[e]) continue;
+        const void* x = quantized ? (const void*)(static_cast<const BlockQ80*>(hin) + offset[e] * hstride)
+                                  : (const void*)(static_cast<const float*>(hin) + offset[e] * hstride);
+        jobs.push_back({&L.experts[e].down, &eout_[(size_t)offset[e] * dim], x, count[e]});
+    }
+    run_matmuls(jobs.data(), (int)jobs.size());
+    pool_.for_chunks(n, [&](int b) {
+        float* out = &part_[b * dim];
+        std::memset(out, 0, dim * sizeof(float));
+        for (int j = 0; j < k; j++) {
+            const int a = b * k + j;
+            kern.vec_mad_f32(c.dim, out, &eout_[(size_t)route_slot_[a] * dim], route_weight_[a]);
+        }
+    });
+}
+
+}  // namespace dllama

@@ -1,0 +1,101 @@
+// The per-node forward pass of Llama 3, Qwen3 and Qwen3 MoE over this node's slice.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model.h"
+#include "thread_pool.h"
+
+namespace dllama {
+
+// The cluster's hook: sums a [batch, dim] buffer of partial results across all nodes, in
+// place. A single node has none.
+class AllReduce {
+public:
+    virtual ~AllReduce() = default;
+    virtual void sum(float* x, int batch, int dim) = 0;
+};
+
+class Transformer {
+public:
+    // max_batch bounds how many prompt tokens go through the layers together; longer prompts
+    // run in chunks of it.
+    Transformer(const ModelConfig& config, const SlicePlan& plan, int n_threads, int max_seq_len,
+                int max_batch);
+
+    // Points a weight at memory the caller keeps alive. Throws std::invalid_argument when the
+    // name is unknown or the shape or type is not what this node expects.
+    void bind(const std::string& name, const uint8_t* data, int rows, int cols, size_t row_stride,
+              FloatType type);
+    // Throws std::invalid_argument naming the first weight not bound yet.
+    void check_bound() const;
+    void set_all_reduce(AllReduce* all_reduce) { all_reduce_ = all_reduce; }
+
+    // Runs n tokens at positions pos .. pos+n-1 (the KV cache holds every earlier position).
+    // When logits is not null it receives the last token's logits over this node's vocab slice.
+    void forward(const int* tokens, int n, int pos, float* logits);
+
+    const ModelConfig& config() const { return config_; }
+    const SlicePlan& plan() const { return plan_; }
+    int max_seq_len() const { return max_seq_len_; }
+    int max_batch() const { return max_batch_; }
+    int n_threads() const { return pool_.size(); }
+
+private:
+    struct MatmulJob {
+        const Tensor* w;
+        float* y;        // [batch, w->rows]
+        const void* x;   // [batch, w->cols]: Q80 blocks for Q40 weights, F32 otherwise
+        int batch;
+    };
+    void run_matmuls(const MatmulJob* jobs, int n_jobs);
+    // The activation a matmul over a weight of the model's type reads: F32 rows for F32
+    // weights, their Q80 copy (made here, in parallel) for Q40 weights.
+    const void* matmul_input(const float* x, BlockQ80* xq, int rows, int cols);
+
+    void forward_chunk(const int* tokens, int n, int pos, float* logits);
+    void attention(int layer, int n, int pos);
+    void dense_ffn(int layer, int n);
+    void moe_ffn(int layer, int n);
+    void sync(float* x, int n);
+
+    ModelConfig config_;
+    SlicePlan plan_;
+    int max_seq_len_, max_batch_;
+    ThreadPool pool_;
+    RopeTable rope_;
+    Weights weights_;
+    AllReduce* all_reduce_ = nullptr;
+
+    // sizes of this node's slices
+    int q_dim_, kv_dim_, ffn_dim_, moe_dim_;
+
+    // activations, B = max_batch
+    std::vector<float> x_;         // [B, dim] residual stream, full on every node
+    std::vector<float> xb_;        // [B, dim] normalised input of a block
+    std::vector<BlockQ80> xq_;     // [B, dim / 32]
+    std::vector<float> q_;         // [B, q_dim]
+    std::vector<float> k_;         // [B, kv_dim]
+    std::vector<float> v_;         // [B, kv_dim]
+    std::vector<float> att_;       // [B, q_dim] attention output of this node's heads
+    std::vector<BlockQ80> attq_;   // [B, q_dim / 32]
+    std::vector<float> part_;      // [B, dim] this node's partial sum of a block's output
+    std::vector<float> scores_;    // [threads, max_seq_len] attention scores
+    std::vector<float> h1_, h3_;   // [B * k, ffn or moe slice] gate and up outputs
+    std::vector<BlockQ80> hq_;     // [B * k, slice / 32]
+    std::vector<float> router_;    // [B, n_experts]
+    std::vector<float> gx_;        // [B * k, dim] rows of xb gathered by expert (F32 weights)
+    std::vector<BlockQ80> gxq_;    // [B * k, dim / 32] the same for Q40 weights
+    std::vector<float> eout_;      // [B * k, dim] expert outputs, grouped by expert
+    std::vector<int> route_expert_;    // [B * k] expert of each (token, choice)
+    std::vector<float> route_weight_;  // [B * k] its renormalised router probability
+    std::vector<int> route_slot_;      // [B * k] its row in the grouped buffers
+    std::vector<float> final_;     // [dim] last token after the final norm
+    std::vector<BlockQ80> finalq_; // [dim / 32]
+
+    // KV cache per layer: [max_seq_len, kv_dim]
+    std::vector<std::vector<float>> key_cache_, value_cache_;
+};
+
+}  // namespace dllama

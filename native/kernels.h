@@ -1,0 +1,55 @@
+// The kernel table: every per-element loop of the forward pass, one implementation per
+// instruction set. kernels_generic.cpp is the reference; kernels_avx2.cpp and kernels_neon.cpp
+// are compiled with their own target flags and picked at start-up from the CPU's features.
+//
+// Rounding rules every implementation follows bit for bit (tests compare them exactly):
+//   quantize_row_q80: amax = max|x|, d = amax / 127, id = d ? 1/d : 0,
+//                     q = nearest-even(x * id)          (nearbyintf / _mm256_round_ps / vcvtnq)
+//   quantize_row_q40: m = element of largest magnitude (with its sign), d = m / -8,
+//                     id = d ? 1/d : 0, q = min(15, (int)(x * id + 8.5f))
+//   the stored scale is fp32_to_fp16(d) in both.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "quant.h"
+
+namespace dllama {
+
+struct Kernels {
+    const char* name;  // "generic", "avx2", "neon"
+
+    // n is a multiple of 32 for every block kernel.
+    void (*quantize_row_q80)(const float* x, BlockQ80* y, int n);
+    void (*quantize_row_q40)(const float* x, BlockQ40* y, int n);
+    void (*dequantize_row_q80)(const BlockQ80* x, float* y, int n);
+    void (*dequantize_row_q40)(const BlockQ40* x, float* y, int n);
+
+    float (*vec_dot_q40_q80)(int n, const BlockQ40* w, const BlockQ80* x);
+    float (*vec_dot_f32)(int n, const float* a, const float* b);
+    // y[i] += a * x[i]
+    void (*vec_mad_f32)(int n, float* y, const float* x, float a);
+
+    // Row range [r0, r1) of y = W x for a batch of activation rows:
+    //   y[b * y_stride + r] = dot(W row r, x row b)   for r in [r0, r1), b in [0, batch)
+    // W row r starts at w + r * w_stride bytes (a stride wider than the row lets a node read a
+    // column slice of a bigger matrix in place). n = number of input values per row.
+    // Each weight row is loaded once and used for the whole batch (prefill reads weights once).
+    void (*matmul_q40_q80)(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
+                           const BlockQ80* x, size_t x_stride_blocks, int n, int r0, int r1,
+                           int batch);
+    void (*matmul_f32)(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
+                       const float* x, size_t x_stride, int n, int r0, int r1, int batch);
+};
+
+// Chosen once: the best set the CPU supports, or the portable one when the environment
+// variable DLLAMA_KERNELS=generic is set (DLLAMA_KERNELS=avx2|neon asks for one explicitly and
+// falls back to generic, with a warning on stderr, when the CPU lacks it).
+const Kernels& kernels();
+
+// Every set, for tests. The fast ones return nullptr when not compiled in or not supported.
+const Kernels& kernels_generic();
+const Kernels* kernels_avx2();
+const Kernels* kernels_neon();
+
+}  // namespace dllama

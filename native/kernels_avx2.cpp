@@ -1,0 +1,322 @@
+// AVX2 + FMA + F16C kernels (x86-64). This file alone is compiled with -mavx2 -mfma -mf16c, so
+// everything here has internal linkage: no inline function or template instantiation compiled
+// with AVX2 can be shared with (and picked by the linker for) the portable code.
+//
+// Q40 x Q80 block dot, exact in integers: with w the unsigned nibbles (0..15) and q the int8
+// activations, sum((w - 8) * q) = maddubs(w, q) - maddubs(8, q) per pair of bytes (no int16
+// overflow, any q in -128..127), then madd with ones to int32, convert, and one FMA with d_w * d_x.
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace dllama {
+namespace {
+
+float fp16_to_fp32_f16c(uint16_t h) { return _cvtsh_ss(h); }
+uint16_t fp32_to_fp16_f16c(float f) { return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
+
+float hsum_f32x8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+float hmax_f32x8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// 16 bytes of nibbles -> 32 bytes 0..15: low nibbles (elements 0..15), then high (16..31)
+__m256i unpack_nibbles_u8x32(const uint8_t* qs) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m256i both = _mm256_insertf128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+void quantize_row_q80_avx2(const float* x, BlockQ80* y, int n) {
+    const int nb = n / kBlockSize;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int i = 0; i < nb; i++) {
+        const float* xb = x + i * kBlockSize;
+        __m256 v0 = _mm256_loadu_ps(xb);
+        __m256 v1 = _mm256_loadu_ps(xb + 8);
+        __m256 v2 = _mm256_loadu_ps(xb + 16);
+        __m256 v3 = _mm256_loadu_ps(xb + 24);
+        const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                       _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        const float amax = hmax_f32x8(a);
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = fp32_to_fp16_f16c(d);
+        const __m256 mul = _mm256_set1_ps(id);
+        constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        v0 = _mm256_round_ps(_mm256_mul_ps(v0, mul), kRound);
+        v1 = _mm256_round_ps(_mm256_mul_ps(v1, mul), kRound);
+        v2 = _mm256_round_ps(_mm256_mul_ps(v2, mul), kRound);
+        v3 = _mm256_round_ps(_mm256_mul_ps(v3, mul), kRound);
+        // int32 -> int16 -> int8; the packs interleave 128-bit lanes, the permute restores order
+        const __m256i i01 = _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1));
+        const __m256i i23 = _mm256_packs_epi32(_mm256_cvtps_epi32(v2), _mm256_cvtps_epi32(v3));
+        const __m256i q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i01, i23), order);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[i].qs), q);
+    }
+}
+
+void quantize_row_q40_avx2(const float* x, BlockQ40* y, int n) {
+    const int nb = n / kBlockSize;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < nb; i++) {
+        const float* xb = x + i * kBlockSize;
+        const __m256 v0 = _mm256_loadu_ps(xb);
+        const __m256 v1 = _mm256_loadu_ps(xb + 8);
+        const __m256 v2 = _mm256_loadu_ps(xb + 16);
+        const __m256 v3 = _mm256_loadu_ps(xb + 24);
+        const __m256 a0 = _mm256_andnot_ps(sign, v0), a1 = _mm256_andnot_ps(sign, v1);
+        const __m256 a2 = _mm256_andnot_ps(sign, v2), a3 = _mm256_andnot_ps(sign, v3);
+        const float amax = hmax_f32x8(_mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3)));
+        // m = the first element of largest magnitude, +0 for an all-zero block (as generic)
+        float m = 0.0f;
+        if (amax > 0.0f) {
+            const __m256 t = _mm256_set1_ps(amax);
+            const uint32_t hits = uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a0, t, _CMP_EQ_OQ))) |
+                                  uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a1, t, _CMP_EQ_OQ))) << 8 |
+                                  uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a2, t, _CMP_EQ_OQ))) << 16 |
+                                  uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a3, t, _CMP_EQ_OQ))) << 24;
+            if (hits != 0) m = xb[__builtin_ctz(hits)];  // no hit only with a nan in the block
+        }
+        const float d = m / -8.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = fp32_to_fp16_f16c(d);
+        // q = min(15, trunc(x * id + 8.5)): a separate multiply and add (file built with
+        // -ffp-contract=off), exactly the generic roundings
+        const __m256 mul = _mm256_set1_ps(id);
+        const __m256 off = _mm256_set1_ps(8.5f);
+        const __m256i top = _mm256_set1_epi32(15);
+        const __m256i q0 = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v0, mul), off)), top);
+        const __m256i q1 = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v1, mul), off)), top);
+        const __m256i q2 = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v2, mul), off)), top);
+        const __m256i q3 = _mm256_min_epi32(_mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(v3, mul), off)), top);
+        // byte j = q[j] | q[j + 16] << 4
+        const __m256i lo = _mm256_or_si256(q0, _mm256_slli_epi32(q2, 4));  // bytes 0..7
+        const __m256i hi = _mm256_or_si256(q1, _mm256_slli_epi32(q3, 4));  // bytes 8..15
+        const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+        const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y[i].qs), bytes);
+    }
+}
+
+void dequantize_row_q80_avx2(const BlockQ80* x, float* y, int n) {
+    const int nb = n / kBlockSize;
+    for (int i = 0; i < nb; i++) {
+        const __m256 d = _mm256_set1_ps(fp16_to_fp32_f16c(x[i].d));
+        float* yb = y + i * kBlockSize;
+        for (int k = 0; k < 4; k++) {
+            const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x[i].qs + 8 * k));
+            _mm256_storeu_ps(yb + 8 * k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
+        }
+    }
+}
+
+void dequantize_row_q40_avx2(const BlockQ40* x, float* y, int n) {
+    const int nb = n / kBlockSize;
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i eight = _mm_set1_epi8(8);
+    for (int i = 0; i < nb; i++) {
+        const __m256 d = _mm256_set1_ps(fp16_to_fp32_f16c(x[i].d));
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].qs));
+        const __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, m4), eight);
+        const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), eight);
+        float* yb = y + i * kBlockSize;
+        _mm256_storeu_ps(yb, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), d));
+        _mm256_storeu_ps(yb + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), d));
+        _mm256_storeu_ps(yb + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d));
+        _mm256_storeu_ps(yb + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), d));
+    }
+}
+
+// R weight rows x B activation rows over nb blocks: each weight block is unpacked once and used
+// for all B activation rows; each activation block is loaded once for all R weight rows.
+template <int R, int B>
+void dot_tile_q40_q80(int nb, const BlockQ40* const* w, const BlockQ80* const* x, float* y,
+                      size_t y_stride) {
+    const __m256i eight = _mm256_set1_epi8(8);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[R][B];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++) {
+        __m256i q[B], q8[B];
+        __m256 dx[B];
+        for (int b = 0; b < B; b++) {
+            q[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b][i].qs));
+            q8[b] = _mm256_maddubs_epi16(eight, q[b]);
+            dx[b] = _mm256_set1_ps(fp16_to_fp32_f16c(x[b][i].d));
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256i wq = unpack_nibbles_u8x32(w[r][i].qs);
+            const __m256 dw = _mm256_set1_ps(fp16_to_fp32_f16c(w[r][i].d));
+            for (int b = 0; b < B; b++) {
+                const __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(wq, q[b]), q8[b]);
+                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                acc[r][b] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx[b]), p, acc[r][b]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) y[size_t(b) * y_stride + r] = hsum_f32x8(acc[r][b]);
+}
+
+using TileQ40Fn = void (*)(int, const BlockQ40* const*, const BlockQ80* const*, float*, size_t);
+
+constexpr int kMaxTileR = 4;
+constexpr int kMaxTileB = 4;
+
+template <int R, int B>
+constexpr TileQ40Fn tile_q40_entry() { return &dot_tile_q40_q80<R, B>; }
+
+const TileQ40Fn kTilesQ40[kMaxTileR][kMaxTileB] = {
+    {tile_q40_entry<1, 1>(), tile_q40_entry<1, 2>(), tile_q40_entry<1, 3>(), tile_q40_entry<1, 4>()},
+    {tile_q40_entry<2, 1>(), tile_q40_entry<2, 2>(), tile_q40_entry<2, 3>(), tile_q40_entry<2, 4>()},
+    {tile_q40_entry<3, 1>(), tile_q40_entry<3, 2>(), tile_q40_entry<3, 3>(), tile_q40_entry<3, 4>()},
+    {tile_q40_entry<4, 1>(), tile_q40_entry<4, 2>(), tile_q40_entry<4, 3>(), tile_q40_entry<4, 4>()},
+};
+
+float vec_dot_q40_q80_avx2(int n, const BlockQ40* w, const BlockQ80* x) {
+    float y;
+    dot_tile_q40_q80<1, 1>(n / kBlockSize, &w, &x, &y, 0);
+    return y;
+}
+
+// Rows outer, so every weight row is read from memory once whatever the batch: a tile of
+// tile_r rows stays in L1 while it meets the batch tile_b activation rows at a time.
+void matmul_q40_q80_avx2(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
+                         const BlockQ80* x, size_t x_stride_blocks, int n, int r0, int r1, int batch) {
+    const int nb = n / kBlockSize;
+    const int tile_r = batch == 1 ? 4 : 2;
+    const int tile_b = 4;
+    for (int r = r0; r < r1; r += tile_r) {
+        const int nr = r1 - r < tile_r ? r1 - r : tile_r;
+        const BlockQ40* wr[kMaxTileR];
+        for (int k = 0; k < nr; k++)
+            wr[k] = reinterpret_cast<const BlockQ40*>(w + size_t(r + k) * w_stride);
+        for (int b = 0; b < batch; b += tile_b) {
+            const int nbt = batch - b < tile_b ? batch - b : tile_b;
+            const BlockQ80* xb[kMaxTileB];
+            for (int k = 0; k < nbt; k++) xb[k] = x + size_t(b + k) * x_stride_blocks;
+            kTilesQ40[nr - 1][nbt - 1](nb, wr, xb, y + size_t(b) * y_stride + r, y_stride);
+        }
+    }
+}
+
+// f32: R rows x B activation rows, 8 lanes, then the scalar tail.
+template <int R, int B>
+void dot_tile_f32(int n, const float* const* w, const float* const* x, float* y, size_t y_stride) {
+    __m256 acc[R][B];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv[B];
+        for (int b = 0; b < B; b++) xv[b] = _mm256_loadu_ps(x[b] + i);
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = _mm256_loadu_ps(w[r] + i);
+            for (int b = 0; b < B; b++) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            float sum = hsum_f32x8(acc[r][b]);
+            for (int k = i; k < n; k++) sum += w[r][k] * x[b][k];
+            y[size_t(b) * y_stride + r] = sum;
+        }
+}
+
+using TileF32Fn = void (*)(int, const float* const*, const float* const*, float*, size_t);
+
+template <int R, int B>
+constexpr TileF32Fn tile_f32_entry() { return &dot_tile_f32<R, B>; }
+
+const TileF32Fn kTilesF32[kMaxTileR][kMaxTileB] = {
+    {tile_f32_entry<1, 1>(), tile_f32_entry<1, 2>(), tile_f32_entry<1, 3>(), tile_f32_entry<1, 4>()},
+    {tile_f32_entry<2, 1>(), tile_f32_entry<2, 2>(), tile_f32_entry<2, 3>(), tile_f32_entry<2, 4>()},
+    {tile_f32_entry<3, 1>(), tile_f32_entry<3, 2>(), tile_f32_entry<3, 3>(), tile_f32_entry<3, 4>()},
+    {tile_f32_entry<4, 1>(), tile_f32_entry<4, 2>(), tile_f32_entry<4, 3>(), tile_f32_entry<4, 4>()},
+};
+
+// one row: four accumulators, 32 values a step, then 8, then the scalar tail
+float vec_dot_f32_avx2(int n, const float* a, const float* b) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    __m256 s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float sum = hsum_f32x8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+void vec_mad_f32_avx2(int n, float* y, const float* x, float a) {
+    const __m256 av = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        for (int k = 0; k < 32; k += 8)
+            _mm256_storeu_ps(y + i + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i + k), _mm256_loadu_ps(y + i + k)));
+    }
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+void matmul_f32_avx2(float* y, size_t y_stride, const uint8_t* w, size_t w_stride, const float* x,
+                     size_t x_stride, int n, int r0, int r1, int batch) {
+    if (batch == 1 && r1 - r0 == 1) {
+        y[r0] = vec_dot_f32_avx2(n, reinterpret_cast<const float*>(w + size_t(r0) * w_stride), x);
+        return;
+    }
+    const int tile_r = batch == 1 ? 4 : 2;
+    const int tile_b = 4;
+    for (int r = r0; r < r1; r += tile_r) {
+        const int nr = r1 - r < tile_r ? r1 - r : tile_r;
+        const float* wr[kMaxTileR];
+        for (int k = 0; k < nr; k++) wr[k] = reinterpret_cast<const float*>(w + size_t(r + k) * w_stride);
+        for (int b = 0; b < batch; b += tile_b) {
+            const int nbt = batch - b < tile_b ? batch - b : tile_b;
+            const float* xb[kMaxTileB];
+            for (int k = 0; k < nbt; k++) xb[k] = x + size_t(b + k) * x_stride;
+            kTilesF32[nr - 1][nbt - 1](n, wr, xb, y + size_t(b) * y_stride + r, y_stride);
+        }
+    }
+}
+
+const Kernels kAvx2 = {
+    "avx2",
+    quantize_row_q80_avx2,
+    quantize_row_q40_avx2,
+    dequantize_row_q80_avx2,
+    dequantize_row_q40_avx2,
+    vec_dot_q40_q80_avx2,
+    vec_dot_f32_avx2,
+    vec_mad_f32_avx2,
+    matmul_q40_q80_avx2,
+    matmul_f32_avx2,
+};
+
+}  // namespace
+
+const Kernels* kernels_avx2() {
+    __builtin_cpu_init();
+    const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+    return ok ? &kAvx2 : nullptr;
+}
+
+}  // namespace dllama

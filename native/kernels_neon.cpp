@@ -1,0 +1,305 @@
+// NEON + dotprod kernels (aarch64, ARMv8.2-A). This file alone is compiled with
+// -march=armv8.2-a+dotprod+fp16, so everything here has internal linkage: nothing compiled for
+// those extensions can be shared with (and picked by the linker for) the portable code.
+//
+// Q40 x Q80 block dot, exact in integers: the nibbles become int8 (n - 8), vdotq_s32 multiplies
+// them with the int8 activations into four int32 lanes, then one FMA with d_w * d_x.
+#include <arm_neon.h>
+#include <sys/auxv.h>
+
+#include "kernels.h"
+
+#ifndef HWCAP_ASIMDHP
+#define HWCAP_ASIMDHP (1 << 10)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+
+namespace dllama {
+namespace {
+
+float fp16_to_fp32_neon(uint16_t h) {
+    __fp16 v;
+    __builtin_memcpy(&v, &h, sizeof v);
+    return float(v);
+}
+
+uint16_t fp32_to_fp16_neon(float f) {
+    const __fp16 v = __fp16(f);  // fcvt, round to nearest even (the default FPCR mode)
+    uint16_t h;
+    __builtin_memcpy(&h, &v, sizeof h);
+    return h;
+}
+
+// four int32x4 -> sixteen int8 (values already in range)
+int8x16_t narrow_s32x16_s8(int32x4_t a, int32x4_t b, int32x4_t c, int32x4_t d) {
+    const int16x8_t ab = vcombine_s16(vqmovn_s32(a), vqmovn_s32(b));
+    const int16x8_t cd = vcombine_s16(vqmovn_s32(c), vqmovn_s32(d));
+    return vcombine_s8(vqmovn_s16(ab), vqmovn_s16(cd));
+}
+
+void quantize_row_q80_neon(const float* x, BlockQ80* y, int n) {
+    const int nb = n / kBlockSize;
+    for (int i = 0; i < nb; i++) {
+        const float* xb = x + i * kBlockSize;
+        float32x4_t v[8];
+        for (int k = 0; k < 8; k++) v[k] = vld1q_f32(xb + 4 * k);
+        float32x4_t a = vabsq_f32(v[0]);
+        for (int k = 1; k < 8; k++) a = vmaxq_f32(a, vabsq_f32(v[k]));
+        const float amax = vmaxvq_f32(a);
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = fp32_to_fp16_neon(d);
+        int32x4_t q[8];
+        for (int k = 0; k < 8; k++) q[k] = vcvtnq_s32_f32(vmulq_n_f32(v[k], id));  // nearest even
+        vst1q_s8(y[i].qs, narrow_s32x16_s8(q[0], q[1], q[2], q[3]));
+        vst1q_s8(y[i].qs + 16, narrow_s32x16_s8(q[4], q[5], q[6], q[7]));
+    }
+}
+
+void quantize_row_q40_neon(const float* x, BlockQ40* y, int n) {
+    const int nb = n / kBlockSize;
+    const float32x4_t off = vdupq_n_f32(8.5f);
+    const int32x4_t top = vdupq_n_s32(15);
+    for (int i = 0; i < nb; i++) {
+        const float* xb = x + i * kBlockSize;
+        float32x4_t v[8];
+        for (int k = 0; k < 8; k++) v[k] = vld1q_f32(xb + 4 * k);
+        float32x4_t a = vabsq_f32(v[0]);
+        for (int k = 1; k < 8; k++) a = vmaxq_f32(a, vabsq_f32(v[k]));
+        const float amax = vmaxvq_f32(a);
+        // m = the first element of largest magnitude, +0 for an all-zero block (as generic)
+        float m = 0.0f;
+        if (amax > 0.0f) {
+            for (int j = 0; j < kBlockSize; j++) {
+                if (__builtin_fabsf(xb[j]) == amax) {
+                    m = xb[j];
+                    break;
+                }
+            }
+        }
+        const float d = m / -8.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[i].d = fp32_to_fp16_neon(d);
+        // q = min(15, trunc(x * id + 8.5)): separate multiply and add (file built with
+        // -ffp-contract=off), exactly the generic roundings
+        int32x4_t q[8];
+        for (int k = 0; k < 8; k++) q[k] = vminq_s32(vcvtq_s32_f32(vaddq_f32(vmulq_n_f32(v[k], id), off)), top);
+        const uint8x16_t lo = vreinterpretq_u8_s8(narrow_s32x16_s8(q[0], q[1], q[2], q[3]));
+        const uint8x16_t hi = vreinterpretq_u8_s8(narrow_s32x16_s8(q[4], q[5], q[6], q[7]));
+        vst1q_u8(y[i].qs, vorrq_u8(lo, vshlq_n_u8(hi, 4)));
+    }
+}
+
+void dequantize_row_q80_neon(const BlockQ80* x, float* y, int n) {
+    const int nb = n / kBlockSize;
+    for (int i = 0; i < nb; i++) {
+        const float d = fp16_to_fp32_neon(x[i].d);
+        float* yb = y + i * kBlockSize;
+        for (int k = 0; k < 4; k++) {
+            const int16x8_t q = vmovl_s8(vld1_s8(x[i].qs + 8 * k));
+            vst1q_f32(yb + 8 * k, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(q))), d));
+            vst1q_f32(yb + 8 * k + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(q))), d));
+        }
+    }
+}
+
+void dequantize_row_q40_neon(const BlockQ40* x, float* y, int n) {
+    const int nb = n / kBlockSize;
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);
+    const int8x16_t eight = vdupq_n_s8(8);
+    for (int i = 0; i < nb; i++) {
+        const float d = fp16_to_fp32_neon(x[i].d);
+        const uint8x16_t raw = vld1q_u8(x[i].qs);
+        const int8x16_t half[2] = {vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, m4)), eight),
+                                   vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight)};
+        float* yb = y + i * kBlockSize;
+        for (int h = 0; h < 2; h++) {
+            const int16x8_t q0 = vmovl_s8(vget_low_s8(half[h]));
+            const int16x8_t q1 = vmovl_s8(vget_high_s8(half[h]));
+            vst1q_f32(yb + 16 * h, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(q0))), d));
+            vst1q_f32(yb + 16 * h + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(q0))), d));
+            vst1q_f32(yb + 16 * h + 8, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(q1))), d));
+            vst1q_f32(yb + 16 * h + 12, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(q1))), d));
+        }
+    }
+}
+
+// R weight rows x B activation rows over nb blocks: each weight block is unpacked once and used
+// for all B activation rows; each activation block is loaded once for all R weight rows.
+template <int R, int B>
+void dot_tile_q40_q80(int nb, const BlockQ40* const* w, const BlockQ80* const* x, float* y,
+                      size_t y_stride) {
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);
+    const int8x16_t eight = vdupq_n_s8(8);
+    float32x4_t acc[R][B];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = vdupq_n_f32(0.0f);
+    for (int i = 0; i < nb; i++) {
+        int8x16_t x0[B], x1[B];
+        float dx[B];
+        for (int b = 0; b < B; b++) {
+            x0[b] = vld1q_s8(x[b][i].qs);
+            x1[b] = vld1q_s8(x[b][i].qs + 16);
+            dx[b] = fp16_to_fp32_neon(x[b][i].d);
+        }
+        for (int r = 0; r < R; r++) {
+            const uint8x16_t raw = vld1q_u8(w[r][i].qs);
+            const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, m4)), eight);
+            const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
+            const float dw = fp16_to_fp32_neon(w[r][i].d);
+            for (int b = 0; b < B; b++) {
+                const int32x4_t p = vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, x0[b]), hi, x1[b]);
+                acc[r][b] = vfmaq_n_f32(acc[r][b], vcvtq_f32_s32(p), dw * dx[b]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) y[size_t(b) * y_stride + r] = vaddvq_f32(acc[r][b]);
+}
+
+using TileQ40Fn = void (*)(int, const BlockQ40* const*, const BlockQ80* const*, float*, size_t);
+
+constexpr int kMaxTileR = 4;
+constexpr int kMaxTileB = 4;
+
+template <int R, int B>
+constexpr TileQ40Fn tile_q40_entry() { return &dot_tile_q40_q80<R, B>; }
+
+const TileQ40Fn kTilesQ40[kMaxTileR][kMaxTileB] = {
+    {tile_q40_entry<1, 1>(), tile_q40_entry<1, 2>(), tile_q40_entry<1, 3>(), tile_q40_entry<1, 4>()},
+    {tile_q40_entry<2, 1>(), tile_q40_entry<2, 2>(), tile_q40_entry<2, 3>(), tile_q40_entry<2, 4>()},
+    {tile_q40_entry<3, 1>(), tile_q40_entry<3, 2>(), tile_q40_entry<3, 3>(), tile_q40_entry<3, 4>()},
+    {tile_q40_entry<4, 1>(), tile_q40_entry<4, 2>(), tile_q40_entry<4, 3>(), tile_q40_entry<4, 4>()},
+};
+
+float vec_dot_q40_q80_neon(int n, const BlockQ40* w, const BlockQ80* x) {
+    float y;
+    dot_tile_q40_q80<1, 1>(n / kBlockSize, &w, &x, &y, 0);
+    return y;
+}
+
+// Rows outer, so every weight row is read from memory once whatever the batch.
+void matmul_q40_q80_neon(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
+                         const BlockQ80* x, size_t x_stride_blocks, int n, int r0, int r1, int batch) {
+    const int nb = n / kBlockSize;
+    const int tile_r = batch == 1 ? 4 : 2;
+    const int tile_b = 4;
+    for (int r = r0; r < r1; r += tile_r) {
+        const int nr = r1 - r < tile_r ? r1 - r : tile_r;
+        const BlockQ40* wr[kMaxTileR];
+        for (int k = 0; k < nr; k++)
+            wr[k] = reinterpret_cast<const BlockQ40*>(w + size_t(r + k) * w_stride);
+        for (int b = 0; b < batch; b += tile_b) {
+            const int nbt = batch - b < tile_b ? batch - b : tile_b;
+            const BlockQ80* xb[kMaxTileB];
+            for (int k = 0; k < nbt; k++) xb[k] = x + size_t(b + k) * x_stride_blocks;
+            kTilesQ40[nr - 1][nbt - 1](nb, wr, xb, y + size_t(b) * y_stride + r, y_stride);
+        }
+    }
+}
+
+// f32: R rows x B activation rows, 4 lanes, then the scalar tail.
+template <int R, int B>
+void dot_tile_f32(int n, const float* const* w, const float* const* x, float* y, size_t y_stride) {
+    float32x4_t acc[R][B];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) acc[r][b] = vdupq_n_f32(0.0f);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t xv[B];
+        for (int b = 0; b < B; b++) xv[b] = vld1q_f32(x[b] + i);
+        for (int r = 0; r < R; r++) {
+            const float32x4_t wv = vld1q_f32(w[r] + i);
+            for (int b = 0; b < B; b++) acc[r][b] = vfmaq_f32(acc[r][b], wv, xv[b]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < B; b++) {
+            float sum = vaddvq_f32(acc[r][b]);
+            for (int k = i; k < n; k++) sum += w[r][k] * x[b][k];
+            y[size_t(b) * y_stride + r] = sum;
+        }
+}
+
+using TileF32Fn = void (*)(int, const float* const*, const float* const*, float*, size_t);
+
+template <int R, int B>
+constexpr TileF32Fn tile_f32_entry() { return &dot_tile_f32<R, B>; }
+
+const TileF32Fn kTilesF32[kMaxTileR][kMaxTileB] = {
+    {tile_f32_entry<1, 1>(), tile_f32_entry<1, 2>(), tile_f32_entry<1, 3>(), tile_f32_entry<1, 4>()},
+    {tile_f32_entry<2, 1>(), tile_f32_entry<2, 2>(), tile_f32_entry<2, 3>(), tile_f32_entry<2, 4>()},
+    {tile_f32_entry<3, 1>(), tile_f32_entry<3, 2>(), tile_f32_entry<3, 3>(), tile_f32_entry<3, 4>()},
+    {tile_f32_entry<4, 1>(), tile_f32_entry<4, 2>(), tile_f32_entry<4, 3>(), tile_f32_entry<4, 4>()},
+};
+
+// one row: four accumulators, 16 values a step, then 4, then the scalar tail
+float vec_dot_f32_neon(int n, const float* a, const float* b) {
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0, s2 = s0, s3 = s0;
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+        s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), vld1q_f32(b + i + 8));
+        s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), vld1q_f32(b + i + 12));
+    }
+    for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+    float sum = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+void vec_mad_f32_neon(int n, float* y, const float* x, float a) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        for (int k = 0; k < 16; k += 4) vst1q_f32(y + i + k, vfmaq_n_f32(vld1q_f32(y + i + k), vld1q_f32(x + i + k), a));
+    }
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+void matmul_f32_neon(float* y, size_t y_stride, const uint8_t* w, size_t w_stride, const float* x,
+                     size_t x_stride, int n, int r0, int r1, int batch) {
+    if (batch == 1 && r1 - r0 == 1) {
+        y[r0] = vec_dot_f32_neon(n, reinterpret_cast<const float*>(w + size_t(r0) * w_stride), x);
+        return;
+    }
+    const int tile_r = batch == 1 ? 4 : 2;
+    const int tile_b = 4;
+    for (int r = r0; r < r1; r += tile_r) {
+        const int nr = r1 - r < tile_r ? r1 - r : tile_r;
+        const float* wr[kMaxTileR];
+        for (int k = 0; k < nr; k++) wr[k] = reinterpret_cast<const float*>(w + size_t(r + k) * w_stride);
+        for (int b = 0; b < batch; b += tile_b) {
+            const int nbt = batch - b < tile_b ? batch - b : tile_b;
+            const float* xb[kMaxTileB];
+            for (int k = 0; k < nbt; k++) xb[k] = x + size_t(b + k) * x_stride;
+            kTilesF32[nr - 1][nbt - 1](n, wr, xb, y + size_t(b) * y_stride + r, y_stride);
+        }
+    }
+}
+
+const Kernels kNeon = {
+    "neon",
+    quantize_row_q80_neon,
+    quantize_row_q40_neon,
+    dequantize_row_q80_neon,
+    dequantize_row_q40_neon,
+    vec_dot_q40_q80_neon,
+    vec_dot_f32_neon,
+    vec_mad_f32_neon,
+    matmul_q40_q80_neon,
+    matmul_f32_neon,
+};
+
+}  // namespace
+
+const Kernels* kernels_neon() {
+    const unsigned long hwcap = getauxval(AT_HWCAP);
+    const bool ok = (hwcap & HWCAP_ASIMDDP) && (hwcap & HWCAP_ASIMDHP);
+    return ok ? &kNeon : nullptr;
+}
+
+}  // namespace dllama
