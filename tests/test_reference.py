@@ -33,19 +33,20 @@ CASES = {
 }
 
 
-def reference_logits(model, prompt: list[int], steps: int) -> tuple[list[np.ndarray], list[int]]:
-    """Logits of the prompt's last token and of each greedy decode step, with the tokens fed."""
+def reference_logits(model, prompt: list[int], steps: int, feed: list[int] | None = None):
+    """Logits of the prompt's last token and of each decode step, with the tokens fed: the
+    reference's greedy choices, or `feed` when given."""
     out, fed = [], []
     with torch.no_grad():
         result = model(torch.tensor([prompt]), use_cache=True)
-        past = result.past_key_values
+        cache = result.cache
         logits = result.logits[0, -1].float().numpy()
         out.append(logits)
         for _ in range(steps):
-            token = int(np.argmax(logits))
+            token = feed[len(fed)] if feed else int(np.argmax(logits))
             fed.append(token)
-            result = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past = result.past_key_values
+            result = model(torch.tensor([[token]]), cache=cache, use_cache=True)
+            cache = result.cache
             logits = result.logits[0, -1].float().numpy()
             out.append(logits)
     return out, fed
@@ -109,10 +110,10 @@ def test_f32_logits_match_transformers(case):
 def test_q40_logits_match_transformers_on_rounded_weights(case):
     name, hf_dir, models = case
     reference = load_reference(hf_dir)
-    unrounded, fed = reference_logits(reference, PROMPT, DECODE_STEPS)
     round_through_q40(reference)
-    rounded, fed_rounded = reference_logits(reference, PROMPT, DECODE_STEPS)
-    got = engine_logits(models["q40"], PROMPT, fed_rounded)
+    rounded, fed = reference_logits(reference, PROMPT, DECODE_STEPS)
+    unrounded, _ = reference_logits(load_reference(hf_dir), PROMPT, DECODE_STEPS, feed=fed)
+    got = engine_logits(models["q40"], PROMPT, fed)
     for step, (r, u, g) in enumerate(zip(rounded, unrounded, got)):
         assert cosine(r, g) >= 0.99, f"{name} step {step}: cosine vs rounded reference {cosine(r, g):.4f}"
         top5 = np.argsort(g)[-5:]

@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `dllama inference ... | head`: the reader left, nothing to report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return EXIT_ERROR
     except (CliError, ValueError, OSError, RuntimeError) as e:
         if debug:
             raise
@@ -87,7 +90,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="maximum tokens per reply (default: until the context is full)")
     p.set_defaults(run=run_chat)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a .m model file")
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a .m model file",
+                       conflict_handler="resolve")  # dllama.convert's own flags win
     if _command(argv) == "convert":
         _mount_convert(p)
     p.set_defaults(run=p.get_default("run") or _convert_unavailable)
@@ -111,7 +115,7 @@ def _model_flags() -> argparse.ArgumentParser:
     g.add_argument("--nthreads", type=_positive_int, default=os.cpu_count() or 1,
                    help="threads of the core on this node (default: all CPUs)")
     g.add_argument("--max-seq-len", type=_positive_int, default=None,
-                   help="context size in tokens (default: the model's)")
+                   help="context size in tokens (default: the engine's, at most the model's)")
     g.add_argument("--workers", nargs="+", type=_host_port, default=[], metavar="HOST:PORT",
                    help="worker nodes, in slice order")
     g = flags.add_argument_group("sampling")
@@ -241,10 +245,7 @@ def _mount_convert(parser: argparse.ArgumentParser) -> None:
             raise CliError(f"dllama convert needs the {e.name} package") from None
         parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         return
-    try:
-        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    except argparse.ArgumentError:
-        pass
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     convert.add_arguments(parser)
     parser.set_defaults(run=convert.run)
 
@@ -265,8 +266,9 @@ def _load(args: argparse.Namespace) -> tuple[Tokenizer, Any]:
         from dllama import Engine
     except ImportError as e:
         raise CliError(f"the native core is not available ({e}); reinstall dllama-cluster") from None
+    options: dict[str, Any] = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
     engine = Engine(str(model), nthreads=args.nthreads, buffer_float_type=args.buffer_float_type,
-                    max_seq_len=args.max_seq_len, workers=list(args.workers))
+                    workers=list(args.workers), **options)  # no --max-seq-len: the engine's default
 
     config = getattr(engine, "config", None)
     model_vocab = getattr(config, "vocab_size", None)
@@ -306,7 +308,7 @@ def _describe(engine: Any, args: argparse.Namespace) -> str:
             print(f"{PROG}: note: the model's weights are {weight_type.name.lower()}, not {wanted}", file=sys.stderr)
     parts.append(f"context {engine.max_seq_len}")
     parts.append(f"buffer {args.buffer_float_type}")
-    parts.append(f"{args.nthreads} threads")
+    parts.append(f"{args.nthreads} thread{'s' if args.nthreads > 1 else ''}")
     parts.append(f"{1 + len(args.workers)} node{'s' if args.workers else ''}")
     return ", ".join(parts)
 

@@ -5,8 +5,8 @@ generate() drives any engine with this shape:
     position: int                              tokens already in the KV cache
     max_seq_len: int                           the context size
     reset()                                    empty the KV cache (position 0)
-    stats() -> dict (optional)                 cumulative counters since the engine started:
-                                               sync_ms, sent_kb, recv_kb (each optional)
+    stats() -> dict (optional)                 figures of the last forward call: sync_ms,
+                                               sent_kb, recv_kb (each optional)
 """
 from __future__ import annotations
 
@@ -88,12 +88,12 @@ def generate(
     eos = frozenset(int(t) for t in eos_ids)
     tokens: list[int] = []
 
-    net0 = _net_stats(engine)
     t0 = time.perf_counter()
     logits = engine.forward(prompt_ids)
+    prefill_net = _net_stats(engine)
     token = sampler.sample(logits) if steps > 0 else None
     prefill_seconds = time.perf_counter() - t0
-    net1 = _net_stats(engine)
+    decode_net: dict[str, float] = {}
 
     decode_tokens = 0
     decode_seconds = 0.0
@@ -109,10 +109,11 @@ def generate(
             break
         t0 = time.perf_counter()
         logits = engine.forward([token])
+        for key, value in _net_stats(engine).items():
+            decode_net[key] = decode_net.get(key, 0.0) + value
         token = sampler.sample(logits)
         decode_seconds += time.perf_counter() - t0
         decode_tokens += 1
-    net2 = _net_stats(engine)
 
     return GenerationResult(
         tokens=tokens,
@@ -122,8 +123,8 @@ def generate(
         decode_tokens=decode_tokens,
         decode_seconds=decode_seconds,
         text=tokenizer.decode(tokens) if tokenizer is not None else "",
-        prefill_net=_per_token(net0, net1, len(prompt_ids)),
-        decode_net=_per_token(net1, net2, decode_tokens),
+        prefill_net=_per_token(prefill_net, len(prompt_ids)),
+        decode_net=_per_token(decode_net, decode_tokens),
     )
 
 
@@ -173,7 +174,5 @@ def _net_stats(engine: Any) -> dict[str, float]:
     return {k: float(values[k]) for k in NET_STATS if values.get(k) is not None}
 
 
-def _per_token(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
-    if not n:
-        return {}
-    return {k: (after[k] - before.get(k, 0.0)) / n for k in NET_STATS if k in after}
+def _per_token(totals: dict[str, float], n: int) -> dict[str, float]:
+    return {k: v / n for k, v in totals.items()} if n else {}

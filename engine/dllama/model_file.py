@@ -357,8 +357,11 @@ class ModelFile:
     def close(self) -> None:
         if self._mmap is None:
             return
-        self.buffer.release()
         mm, self._mmap = self._mmap, None
+        try:
+            self.buffer.release()
+        except BufferError:
+            pass  # numpy views made from it are still alive
         try:
             mm.close()
         except BufferError:

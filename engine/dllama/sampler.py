@@ -3,10 +3,13 @@
 Sampling only ever looks at the 64 largest logits and the softmax normaliser of the whole
 vocabulary. That is what a cluster can gather cheaply: each node holds a slice of the LM head,
 sends its own top 64 and the normaliser of its slice, and `merge_candidates` turns those into the
-same candidates one node would have found, so a cluster samples exactly what one node samples.
+same candidates one node would have found, so a cluster samples what one node samples. (The ids
+and logits merge exactly; the normaliser agrees to about 1e-7, which matters only when a
+cumulative probability falls that close to topp.)
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, NamedTuple
 
@@ -90,10 +93,7 @@ def candidates(logits: np.ndarray, temperature: float, offset: int = 0) -> Candi
         equal = np.flatnonzero(x == threshold)[: k - above.size]
         top = np.concatenate([above, equal])
     top = top[np.lexsort((top, -x[top]))]
-    if temperature > 0:
-        log_norm = _logsumexp(x.astype(np.float64) / temperature)
-    else:
-        log_norm = 0.0
+    log_norm = _logsumexp(x, temperature) if temperature > 0 else 0.0
     return Candidates(top.astype(np.int64) + offset, x[top].copy(), log_norm)
 
 
@@ -120,8 +120,14 @@ def _check_logits(logits: np.ndarray) -> np.ndarray:
     return x
 
 
-def _logsumexp(x: np.ndarray) -> float:
+def _logsumexp(x: np.ndarray, temperature: float) -> float:
+    """logsumexp(x / temperature): exp in float32 (several times faster than float64 over a whole
+    vocabulary), summed in float64; about 1e-7 from the float64 value."""
     m = float(np.max(x))
     if m == -np.inf:
         return -np.inf  # every logit masked: this slice contributes nothing
-    return m + float(np.log(np.sum(np.exp(x - m))))
+    with np.errstate(over="ignore", under="ignore"):
+        z = np.subtract(x, np.float32(m))
+        z *= np.float32(1.0 / temperature)
+        np.exp(z, out=z)
+    return m / temperature + math.log(float(np.sum(z, dtype=np.float64)))

@@ -1,0 +1,83 @@
+"""Prefill and decode speed on the `bench` preset next to the memory-bandwidth limit.
+
+Run with `make bench`. Figures are ratios measured in one run: absolute times on shared
+machines drift, the fraction of the bandwidth limit much less.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dllama import Engine, _core
+from dllama.config import BLOCK_BYTES, BLOCK_SIZE, FloatType, ModelConfig
+from dllama.testing.checkpoint import make_model_file
+
+CACHE = Path(os.environ.get("DLLAMA_BENCH_CACHE", Path.home() / ".cache" / "dllama"))
+
+
+def matrix_bytes(config: ModelConfig, rows: int, cols: int) -> int:
+    if config.weight_type == FloatType.Q40:
+        return rows * cols // BLOCK_SIZE * BLOCK_BYTES[FloatType.Q40]
+    return rows * cols * 4
+
+
+def decode_bytes_per_token(c: ModelConfig) -> int:
+    """Weight bytes one decode step must read: attention, router and the k chosen experts of
+    every layer, the LM head, one embedding row and the norms."""
+    attention = matrix_bytes(c, c.q_dim, c.dim) + 2 * matrix_bytes(c, c.kv_dim, c.dim) + matrix_bytes(c, c.dim, c.q_dim)
+    if c.is_moe:
+        ffn = c.n_experts * c.dim * 4 + c.n_active_experts * 3 * matrix_bytes(c, c.moe_hidden_dim, c.dim)
+    else:
+        ffn = 3 * matrix_bytes(c, c.hidden_dim, c.dim)
+    norms = (2 * c.dim + 2 * c.head_dim) * 4
+    return c.n_layers * (attention + ffn + norms) + matrix_bytes(c, c.vocab_size, c.dim) + 2 * c.dim * 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--nthreads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    model = CACHE / f"bench-{args.layers}L-q40.m"
+    if not model.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        print(f"generating {model} (once; cached outside the repo) ...", flush=True)
+        make_model_file(model, preset="bench", layers=args.layers, seed=0, weights="q40")
+        print(f"  took {time.perf_counter() - start:.0f} s", flush=True)
+
+    bandwidth = _core.measure_read_bandwidth(1 << 30, args.nthreads, 5)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 151643, size=args.prompt_tokens).tolist()
+    with Engine(model, nthreads=args.nthreads, max_seq_len=args.prompt_tokens + args.decode_tokens + 8) as engine:
+        c = engine.config
+        engine.forward(prompt[:8])  # warm the page cache and the threads
+        engine.reset()
+        start = time.perf_counter()
+        logits = engine.forward(prompt)
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            logits = engine.forward([int(np.argmax(logits))])
+        decode_s = time.perf_counter() - start
+
+    per_token = decode_bytes_per_token(c)
+    limit_tok_s = bandwidth / per_token
+    decode_tok_s = args.decode_tokens / decode_s
+    prefill_tok_s = args.prompt_tokens / prefill_s
+    print(f"kernels {_core.kernel_name()}, {args.nthreads} threads, {c.n_layers} layers of Qwen3-30B-A3B shape, Q40 weights / Q80 activations")
+    print(f"memory read bandwidth   {bandwidth / 1e9:8.2f} GB/s ({args.nthreads} threads)")
+    print(f"active weights / token  {per_token / 1e6:8.1f} MB  -> limit {limit_tok_s:7.2f} tok/s")
+    print(f"decode                  {decode_tok_s:8.2f} tok/s  {1000 / decode_tok_s:7.1f} ms/token  = {decode_tok_s / limit_tok_s:.2f} of the limit")
+    print(f"prefill ({args.prompt_tokens} tokens)     {prefill_tok_s:8.2f} tok/s  = {prefill_tok_s / decode_tok_s:.1f} x decode")
+
+
+if __name__ == "__main__":
+    main()
