@@ -141,6 +141,12 @@ __m256 lane_f32x8(__m256 v, int r) {
     }
 }
 
+// How far ahead of the block being read each weight row is prefetched. The dot product does
+// enough work per byte that the out-of-order window alone keeps too few cache lines in flight
+// to hide DRAM latency; measured on a 150 MB matrix (one thread): no prefetch 3.5 GB/s,
+// 2 KB ahead 5.8, 8 KB ahead 7.3 (rows of a tile are contiguous, so this reaches the next tiles).
+constexpr int kPrefetchBytes = 8192;
+
 // R weight rows x B activation rows over nb blocks: each weight block is unpacked once and used
 // for all B activation rows; each activation block is loaded once for all R weight rows, and
 // the R weight scales of a block are converted together.
@@ -156,6 +162,7 @@ void dot_tile_q40_q80(int nb, const BlockQ40* const* w, const BlockQ80* const* x
     for (int r = 0; r < R; r++)
         for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++) {
+        for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char*>(w[r] + i) + kPrefetchBytes, _MM_HINT_T0);
         __m128i hw = _mm_cvtsi32_si128(w[0][i].d);
         if constexpr (R > 1) hw = _mm_insert_epi16(hw, w[1][i].d, 1);
         if constexpr (R > 2) hw = _mm_insert_epi16(hw, w[2][i].d, 2);

@@ -136,6 +136,11 @@ float32x4_t fma_lane_f32x4(float32x4_t acc, float32x4_t a, float32x4_t s, int la
     }
 }
 
+// How far ahead of the block being read each weight row is prefetched (see kernels_avx2.cpp:
+// the dot product's work per byte leaves too few loads in flight to hide DRAM latency). Not yet
+// tuned on a Pi 5.
+constexpr int kPrefetchBytes = 8192;
+
 // R weight rows x B activation rows over nb blocks: each weight block is unpacked once and used
 // for all B activation rows; each activation block is loaded once for all R weight rows, and
 // the R weight scales of a block are converted together. The nibbles stay unsigned (0..15): the
@@ -151,6 +156,7 @@ void dot_tile_q40_q80(int nb, const BlockQ40* const* w, const BlockQ80* const* x
     for (int r = 0; r < R; r++)
         for (int b = 0; b < B; b++) acc[r][b] = vdupq_n_f32(0.0f);
     for (int i = 0; i < nb; i++) {
+        for (int r = 0; r < R; r++) __builtin_prefetch(reinterpret_cast<const char*>(w[r] + i) + kPrefetchBytes);
         uint16x4_t hw = vdup_n_u16(0);
         hw = vld1_lane_u16(&w[0][i].d, hw, 0);
         if constexpr (R > 1) hw = vld1_lane_u16(&w[1][i].d, hw, 1);

@@ -341,6 +341,10 @@ def test_missing_file(tmp_path):
     expect_error(tmp_path / "nope.m", "cannot open")
 
 
+def test_directory_is_not_a_model(tmp_path):
+    expect_error(tmp_path, "not a regular file")
+
+
 def test_q40_needs_whole_blocks(tmp_path):
     c = tiny_config(Arch.LLAMA, FloatType.Q40, hidden_dim=100)
     with pytest.raises(ModelFileError, match="multiple of 32"):

@@ -170,7 +170,7 @@ def config_from_hf(hf: dict[str, Any], weights: str | FloatType = "q40") -> Mode
         kw["n_experts"] = int(_field(hf, "num_experts", "num_local_experts"))
         kw["n_active_experts"] = int(_field(hf, "num_experts_per_tok"))
         kw["moe_hidden_dim"] = int(_field(hf, "moe_intermediate_size"))
-        if int(hf.get("decoder_sparse_step", 1)) != 1:
+        if int(_field(hf, "decoder_sparse_step", default=1)) != 1:
             raise ConvertError(f"config.json decoder_sparse_step = {hf['decoder_sparse_step']} is not "
                                "supported (every layer must be MoE: 1)")
         if hf.get("mlp_only_layers"):
@@ -473,8 +473,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     seconds = time.monotonic() - start
     size = out.stat().st_size
-    print(f"wrote {out}: {size / 2**30:.2f} GiB in {seconds:.1f} s "
-          f"({size / 2**20 / max(seconds, 1e-9):.0f} MiB/s)")
+    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    print(f"wrote {out}: {shown} in {seconds:.1f} s ({size / 2**20 / max(seconds, 1e-9):.0f} MiB/s)")
     return 0
 
 

@@ -14,6 +14,7 @@ import hashlib
 import math
 import mmap
 import os
+import stat
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -278,10 +279,16 @@ class ModelFile:
         except OSError as e:
             raise ModelFileError(f"{where}: cannot open ({e.strerror})") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelFileError(f"{where}: not a regular file")
+            size = st.st_size
             if size < 8:
                 raise ModelFileError(f"{where}: truncated header (file has {size} bytes)")
-            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise ModelFileError(f"{where}: cannot memory-map the file ({e})") from None
         finally:
             os.close(fd)
         try:

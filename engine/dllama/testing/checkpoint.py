@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", choices=ARCHS, default="qwen3_moe")
     ap.add_argument("--layers", type=int, help="number of layers (tiny: 2, bench: 8)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="safetensors dtype")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="safetensors dtype (default f32)")
     ap.add_argument("--tie", action="store_true", help="tie lm_head to the embedding (no lm_head.weight)")
     ap.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
     ap.add_argument("--kv-heads", type=int, help="override num_key_value_heads")
