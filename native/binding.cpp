@@ -209,7 +209,7 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<PyTransformer>(m, "Transformer")
         .def(py::init<const py::dict&, const py::object&, int, int, int>(), py::arg("config"), py::arg("plan") = py::none(),
-             py::arg("nthreads") = 1, py::arg("max_seq_len") = 4096, py::arg("max_batch") = 64)
+             py::arg("nthreads") = 1, py::arg("max_seq_len") = 4096, py::arg("max_batch") = 128)
         .def("bind", &PyTransformer::bind, py::arg("name"), py::arg("buffer"), py::arg("offset"), py::arg("rows"),
              py::arg("cols"), py::arg("row_stride"), py::arg("type"))
         .def("check_bound", [](PyTransformer& self) { self.model->check_bound(); })

@@ -9,15 +9,9 @@ from dllama.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen3-tokenizer"
+from dllama.testing import qwen3_tokenizer_dir as tokenizer_dir
 
 
-def tokenizer_dir() -> Path:
-    try:
-        from dllama.testing import qwen3_tokenizer_dir
-    except ImportError:
-        return FIXTURE
-    return qwen3_tokenizer_dir()
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,9 @@ import dllama
 from dllama import api, cli
 from dllama.tokenizer import Tokenizer
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen3-tokenizer"
+from dllama.testing import qwen3_tokenizer_dir as tokenizer_dir
 
 
-def tokenizer_dir() -> Path:
-    try:
-        from dllama.testing import qwen3_tokenizer_dir
-    except ImportError:
-        return FIXTURE
-    return qwen3_tokenizer_dir()
 
 
 def dllama_cmd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -73,3 +73,25 @@ def test_inference_on_a_damaged_model_file_says_so(tiny_model, tmp_path):
     run = dllama("inference", "--model", broken, "--tokenizer", hf, "--prompt", PROMPT, "--steps", 4, check=False)
     assert run.returncode != 0
     assert "expected" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_chat_answers_each_turn_with_the_greedy_reply(tiny_model):
+    hf, model = tiny_model
+    tokenizer = Tokenizer.load(hf)
+    first = [{"role": "user", "content": "안녕? Say hi."}]
+    ids = tokenizer.encode(tokenizer.apply_chat_template(first, enable_thinking=False), add_special_tokens=False)
+    reply = []
+    with Engine(model, nthreads=2, max_seq_len=4096) as engine:
+        logits = engine.forward(ids)
+        for _ in range(8):
+            token = int(np.argmax(logits))
+            if token in tokenizer.eos_ids:
+                break
+            reply.append(token)
+            logits = engine.forward([token])
+    run = subprocess.run(
+        [sys.executable, "-m", "dllama", "chat", "--model", str(model), "--tokenizer", str(hf), "--temperature", "0",
+         "--steps", "8", "--nthreads", "2", "--no-enable-thinking"],
+        input="안녕? Say hi.\nAnd now?\n", capture_output=True, text=True, timeout=300, check=True)
+    assert tokenizer.decode(reply) in run.stdout
+    assert run.stdout.count("> ") >= 2, "the second turn was not asked for"

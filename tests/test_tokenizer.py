@@ -9,7 +9,7 @@ import tokenizers
 
 from dllama.tokenizer import Tokenizer
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen3-tokenizer"
+from dllama.testing import qwen3_tokenizer_dir as tokenizer_dir
 
 TEXTS = [
     "Hello, world!",
@@ -26,12 +26,6 @@ TEXTS = [
 ]
 
 
-def tokenizer_dir() -> Path:
-    try:
-        from dllama.testing import qwen3_tokenizer_dir
-    except ImportError:
-        return FIXTURE
-    return qwen3_tokenizer_dir()
 
 
 @pytest.fixture(scope="module")

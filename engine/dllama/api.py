@@ -1,15 +1,190 @@
-"""The OpenAI-compatible HTTP server (`dllama-api`): arrives with its own issue."""
+"""`dllama-api`: the model (one node or the cluster) behind an OpenAI-compatible HTTP server.
+
+    dllama-api --model m.m --tokenizer tok/ --buffer-float-type q80 --nthreads 4 --max-seq-len 4096 \\
+        --workers 10.0.0.2:9999 10.0.0.3:9999 --port 8080 --api-key-file /etc/dllama/api-key
+
+Any OpenAI client (Open WebUI, the `openai` library, curl) then talks to http://ROOT:8080/v1.
+The pieces live in dllama.server; this module reads the flags, loads the tokenizer and the
+engine, and runs uvicorn.
+"""
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+import stat
 import sys
-from typing import Sequence
+import time
+from pathlib import Path
+from typing import Any, Sequence
 
+PROG = "dllama-api"
+EXIT_ERROR = 1
 EXIT_USAGE = 2
+DEFAULT_PORT = 8080
+DEFAULT_QUEUE_SIZE = 8
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class ApiStartError(Exception):
+    """A problem the operator can fix: printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dllama import cli
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[cli._model_flags()],
+        description="Serve the model to OpenAI clients: /v1/chat/completions, /v1/completions, /v1/models, "
+                    "/health, /metrics. The sampling flags are the defaults of requests that do not set them.",
+    )
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0",
+                   help="address to listen on (default: 0.0.0.0, every interface: set --api-key-file)")
+    g.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})")
+    g.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="file holding the key clients send as 'Authorization: Bearer KEY' (default: no key)")
+    g.add_argument("--queue-size", type=cli._positive_int, default=DEFAULT_QUEUE_SIZE, metavar="N",
+                   help="requests admitted at once, the running one included; more get 429 "
+                        f"(default: {DEFAULT_QUEUE_SIZE})")
+    g.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model's id in /v1/models and responses (default: the model file's name)")
+    g.add_argument("--max-request-bytes", type=cli._positive_int, default=None, metavar="N",
+                   help="largest request body accepted; larger ones get 413 (default: 1 MiB)")
+    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="uvicorn's and the server's log level (default: info)")
+    g.add_argument("--debug", action="store_true", help="show tracebacks of startup errors")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    print("dllama-api: the OpenAI-compatible server arrives with its issue", file=sys.stderr)
-    return EXIT_USAGE
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=f"{PROG}: %(levelname)s: %(message)s")
+    try:
+        return serve(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ApiStartError, ValueError, OSError, RuntimeError) as e:
+        if args.debug:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dllama import cli
+    from dllama.engine import DEFAULT_MAX_SEQ_LEN
+    from dllama.model_file import ModelFile
+    from dllama.server.app import MAX_BODY_BYTES, ServerConfig, create_app, live_figures
+    from dllama.server.host import EngineHost
+    from dllama.server.metrics import Metrics
+    from dllama.server.scheduler import Scheduler
+    from dllama.server.schemas import Sampling
+    from dllama.tokenizer import Tokenizer
+
+    for name, reason in cli.IGNORED_FLAGS.items():
+        if getattr(args, name, None) is not None:
+            print(f"{PROG}: note: --{name.replace('_', '-')} is ignored ({reason})", file=sys.stderr)
+    defaults = Sampling(max_tokens=None, temperature=args.temperature, top_p=args.topp, seed=args.seed)
+    if not (0 <= defaults.temperature <= 2 and 0 < defaults.top_p <= 1):
+        raise ApiStartError("--temperature must be in [0, 2] and --topp in (0, 1]")
+    if defaults.seed is not None and defaults.seed < 0:
+        raise ApiStartError("--seed must be a non-negative integer")
+    api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise ApiStartError(f"model file not found: {model}" if not model.exists() else f"not a model file: {model}")
+    tokenizer = Tokenizer.load(args.tokenizer if args.tokenizer is not None else cli._default_tokenizer(model))
+    with ModelFile.open(model) as f:  # the header: what the server needs even while the engine is down
+        model_config = f.config
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ApiStartError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                            f"{model_config.vocab_size}: wrong tokenizer?")
+
+    def create_engine() -> Any:
+        from dllama import Engine
+
+        options = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
+        return Engine(str(model), nthreads=args.nthreads, buffer_float_type=args.buffer_float_type,
+                      workers=list(args.workers), **options)
+
+    host = EngineHost(create_engine, workers=args.workers)
+    host.start()
+    try:
+        engine = host.info()
+        if engine is not None:
+            context_length = engine.max_seq_len
+            print(f"{PROG}: {cli._describe(engine, args)}", file=sys.stderr)
+        else:
+            context_length = min(args.max_seq_len or DEFAULT_MAX_SEQ_LEN, model_config.seq_len)
+            print(f"{PROG}: the engine is down ({host.state.reason}); reconnecting in the background",
+                  file=sys.stderr)
+        config = ServerConfig(
+            model_name=args.model_name or model.stem,
+            context_length=context_length,
+            vocab_size=model_config.vocab_size,
+            defaults=defaults,
+            api_key=api_key,
+            max_body_bytes=args.max_request_bytes or MAX_BODY_BYTES,
+            created=int(model.stat().st_mtime),
+        )
+        scheduler = Scheduler(host, tokenizer, queue_size=args.queue_size)
+        metrics = Metrics(live_figures(host, scheduler))
+        scheduler.metrics = metrics
+        app = create_app(config, host, scheduler, tokenizer, metrics)
+
+        if api_key is None and args.host not in LOOPBACK:
+            print(f"{PROG}: note: no --api-key-file: anyone who can reach port {args.port} can use the model; "
+                  f"pass --api-key-file FILE (or --host 127.0.0.1)", file=sys.stderr)
+        print(f"{PROG}: serving {config.model_name} (context {context_length}, queue {args.queue_size}) on "
+              f"http://{_url_host(args.host)}:{args.port}/v1", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=5, lifespan="on"))
+        server.run()
+        if not server.started and time.monotonic() - started < 60:
+            return EXIT_ERROR  # uvicorn said why (e.g. the port is taken)
+        return 0
+    finally:
+        host.close()
+
+
+def _read_api_key(path: str) -> str:
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+        mode = file.stat().st_mode
+    except OSError as e:
+        raise ApiStartError(f"cannot read the API key file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ApiStartError(f"the API key file {path} is not UTF-8 text") from None
+    key = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not key:
+        raise ApiStartError(f"the API key file {path} is empty")
+    if any(c.isspace() for c in key):
+        raise ApiStartError(f"the API key in {path} contains whitespace")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        print(f"{PROG}: note: {path} is readable by other users; chmod 600 it", file=sys.stderr)
+    return key
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port between 1 and 65535, got {value}")
+    return value
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 if __name__ == "__main__":

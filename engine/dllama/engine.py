@@ -12,7 +12,7 @@ from .model_file import ModelFile
 
 BUFFER_FLOAT_TYPES = ("q80", "f32")
 # Prompt tokens that go through the layers together; each weight is read once per batch.
-DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_BATCH = 128
 DEFAULT_MAX_SEQ_LEN = 4096
 
 

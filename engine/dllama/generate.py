@@ -67,13 +67,15 @@ def generate(
     steps: int,
     sampler: Sampler,
     eos_ids: Collection[int],
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
     tokenizer: Any = None,
 ) -> GenerationResult:
     """Evaluate prompt_ids from the engine's current position in one forward call, then sample
     up to `steps` tokens, one forward call each. Stops at an eos id (not returned), after
     `steps` tokens, or when the context is full. on_token(id) sees every returned token as it
-    is sampled. The caller resets the engine when it wants a fresh context."""
+    is sampled; when it returns True generation ends there (finish_reason "stop": the caller
+    has what it wants, e.g. a stop string, or nobody is listening). The caller resets the engine
+    when it wants a fresh context."""
     prompt_ids = [int(t) for t in prompt_ids]
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -103,8 +105,9 @@ def generate(
             finish_reason = "stop"
             break
         tokens.append(token)
-        if on_token is not None:
-            on_token(token)
+        if on_token is not None and on_token(token) is True:
+            finish_reason = "stop"
+            break
         if len(tokens) >= steps or engine.position >= engine.max_seq_len:
             break
         t0 = time.perf_counter()

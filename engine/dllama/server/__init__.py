@@ -1,0 +1,13 @@
+"""The pieces of `dllama-api`, one concern per module:
+
+    host.py       the engine behind a holder: up/down state, worker loss, the reconnect loop
+    scheduler.py  the bounded queue, the one engine thread, the prefix cache
+    text.py       tokens -> text deltas: stop strings, <think> reasoning split
+    schemas.py    request validation (OpenAI's fields, OpenAI-shaped errors)
+    errors.py     ApiError: an HTTP status plus OpenAI's error body
+    metrics.py    the Prometheus registry
+    app.py        the starlette routes, SSE streaming, auth, body limits
+
+Only app.py imports starlette; host.py imports nothing beyond the standard library, so the
+engine may raise `WorkerLost` without pulling in the web stack.
+"""
