@@ -108,22 +108,38 @@ void Transformer::check_bound() const {
 
 void Transformer::run_matmuls(const MatmulJob* jobs, int n_jobs) {
     const Kernels& kern = kernels();
-    // every thread takes the same share of each matrix's rows: equal work, and each thread
-    // streams its own contiguous part of every weight
+    // The jobs' rows, laid end to end and weighted by the batch they meet, are cut into one
+    // contiguous share per thread: a thread streams whole matrices where it can (a stream
+    // restarted at every matrix costs its prefetch warm-up), and uneven batches (experts
+    // chosen by more prompt tokens) still balance.
+    int64_t total = 0;
+    for (int j = 0; j < n_jobs; j++) total += (int64_t)jobs[j].w->rows * (jobs[j].batch + 1) * (jobs[j].batch > 0);
     pool_.run([&](int t, int nt) {
-        for (int j = 0; j < n_jobs; j++) {
+        const int64_t begin = total * t / nt, end = total * (t + 1) / nt;
+        int64_t at = 0;
+        for (int j = 0; j < n_jobs && at < end; j++) {
             const MatmulJob& job = jobs[j];
             const Tensor& w = *job.w;
             if (job.batch == 0) continue;
-            const int r0 = (int)((int64_t)w.rows * t / nt), r1 = (int)((int64_t)w.rows * (t + 1) / nt);
-            if (r0 == r1) continue;
-            if (w.type == FloatType::Q40) {
-                kern.matmul_q40_q80(job.y, w.rows, w.data, w.row_stride, static_cast<const BlockQ80*>(job.x),
-                                    w.cols / kBlockSize, w.cols, r0, r1, job.batch);
-            } else {
-                kern.matmul_f32(job.y, w.rows, w.data, w.row_stride, static_cast<const float*>(job.x),
-                                w.cols, w.cols, r0, r1, job.batch);
+            const int64_t per_row = job.batch + 1, size = (int64_t)w.rows * per_row;
+            if (at + size > begin) {
+                // this job's rows inside [begin, end), rounded to whole tiles of 4 rows
+                auto row_at = [&](int64_t pos) {
+                    const int64_t r = (std::clamp(pos, at, at + size) - at + per_row - 1) / per_row;
+                    return r >= w.rows ? w.rows : (int)(r / 4 * 4);
+                };
+                const int r0 = row_at(begin), r1 = row_at(end);
+                if (r0 < r1) {
+                    if (w.type == FloatType::Q40) {
+                        kern.matmul_q40_q80(job.y, w.rows, w.data, w.row_stride, static_cast<const BlockQ80*>(job.x),
+                                            w.cols / kBlockSize, w.cols, r0, r1, job.batch);
+                    } else {
+                        kern.matmul_f32(job.y, w.rows, w.data, w.row_stride, static_cast<const float*>(job.x),
+                                        w.cols, w.cols, r0, r1, job.batch);
+                    }
+                }
             }
+            at += size;
         }
     });
 }
