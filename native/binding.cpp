@@ -4,11 +4,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "cluster.h"
 #include "forward.h"
 #include "kernels.h"
 #include "membench.h"
@@ -128,14 +130,83 @@ SlicePlan plan_from(const ModelConfig& c, const py::object& obj) {
     range("ffn", p.ffn_begin, p.ffn_end, c.hidden_dim);
     range("moe", p.moe_begin, p.moe_end, c.moe_hidden_dim);
     range("vocab", p.vocab_begin, p.vocab_end, c.vocab_size);
+    if (d.contains("embedding")) p.embedding = d["embedding"].cast<bool>();
     return p;
 }
+
+struct PyMesh {
+    std::unique_ptr<Mesh> mesh;
+    PyMesh(int node, std::vector<int> fds, std::vector<std::string> names, int timeout_ms)
+        : mesh(std::make_unique<Mesh>(node, std::move(fds), std::move(names), timeout_ms)) {}
+};
 
 // Owns the Transformer and keeps every buffer it reads weights from alive.
 struct PyTransformer {
     std::unique_ptr<Transformer> model;
     std::vector<py::object> owners;
     std::mutex busy;  // one step at a time, whichever Python thread asks
+    py::object mesh_owner;  // the root's mesh, kept alive while attached
+    std::unique_ptr<ClusterRoot> root;
+
+    ~PyTransformer() {
+        root.reset();  // before the mesh it points into
+        model->set_all_reduce(nullptr);
+    }
+
+    void attach_root(py::object mesh_obj, bool q80, std::vector<int> worker_vocab) {
+        PyMesh& m = mesh_obj.cast<PyMesh&>();
+        if (worker_vocab.empty() || worker_vocab[0] != model->plan().vocab())
+            throw std::invalid_argument("the root's own vocab slice must come first");
+        root = std::make_unique<ClusterRoot>(*model, *m.mesh, q80, std::move(worker_vocab));
+        mesh_owner = mesh_obj;
+    }
+
+    void detach() {
+        std::lock_guard<std::mutex> lock(busy);
+        if (root) root->stop();
+        root.reset();
+        model->set_all_reduce(nullptr);
+        mesh_owner = py::none();
+    }
+
+    // One step on every node: output 0 nothing, 1 full logits, 2 top-k parts per node.
+    py::object step(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int pos, int output,
+                    float temperature) {
+        if (!root) throw std::invalid_argument("not attached to a cluster");
+        if (output < 0 || output > 2) throw std::invalid_argument("output must be 0, 1 or 2");
+        if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a flat sequence of ints");
+        std::vector<int> ids(tokens.data(), tokens.data() + tokens.size());
+        py::array_t<float> logits;
+        float* dst = nullptr;
+        if (output == 1) {
+            logits = py::array_t<float>(model->config().vocab_size);
+            dst = logits.mutable_data();
+        }
+        std::vector<TopK> parts;
+        {
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(busy);
+            root->step(ids.data(), (int)ids.size(), pos, (StepOutput)output, temperature, dst, &parts);
+        }
+        if (output == 1) return std::move(logits);
+        if (output == 0) return py::none();
+        py::list out;
+        for (const TopK& t : parts) {
+            py::array_t<int32_t> pid(t.count);
+            py::array_t<float> plog(t.count);
+            std::memcpy(pid.mutable_data(), t.ids, t.count * sizeof(int32_t));
+            std::memcpy(plog.mutable_data(), t.logits, t.count * sizeof(float));
+            out.append(py::make_tuple(pid, plog, t.log_norm));
+        }
+        return std::move(out);
+    }
+
+    std::string serve(py::object mesh_obj, bool q80) {
+        PyMesh& m = mesh_obj.cast<PyMesh&>();
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(busy);
+        return serve_worker(*model, *m.mesh, q80);
+    }
 
     PyTransformer(const py::dict& config, const py::object& plan, int n_threads, int max_seq_len, int max_batch) {
         if (n_threads < 1 || n_threads > 1024) throw std::invalid_argument("nthreads must be between 1 and 1024");
@@ -207,6 +278,22 @@ PYBIND11_MODULE(_core, m) {
         py::arg("bytes") = (size_t)1 << 30, py::arg("nthreads") = 1, py::arg("repeats") = 5,
         "Bytes per second that nthreads threads stream from memory (best of repeats).");
 
+    py::register_exception<NetError>(m, "NetworkError", PyExc_ConnectionError);
+
+    py::class_<PyMesh>(m, "Mesh")
+        .def(py::init<int, std::vector<int>, std::vector<std::string>, int>(), py::arg("node"), py::arg("fds"),
+             py::arg("names"), py::arg("timeout_ms") = 10000,
+             "Takes ownership of one connected socket per other node (-1 for this node).")
+        .def_property_readonly("node", [](PyMesh& self) { return self.mesh->node(); })
+        .def_property_readonly("size", [](PyMesh& self) { return self.mesh->size(); })
+        .def("stats", [](PyMesh& self) {
+            py::dict d;
+            d["sent"] = self.mesh->stats.sent;
+            d["received"] = self.mesh->stats.received;
+            d["sync_seconds"] = self.mesh->stats.sync_seconds;
+            return d;
+        });
+
     py::class_<PyTransformer>(m, "Transformer")
         .def(py::init<const py::dict&, const py::object&, int, int, int>(), py::arg("config"), py::arg("plan") = py::none(),
              py::arg("nthreads") = 1, py::arg("max_seq_len") = 4096, py::arg("max_batch") = 128)
@@ -214,6 +301,13 @@ PYBIND11_MODULE(_core, m) {
              py::arg("cols"), py::arg("row_stride"), py::arg("type"))
         .def("check_bound", [](PyTransformer& self) { self.model->check_bound(); })
         .def("forward", &PyTransformer::forward, py::arg("tokens"), py::arg("pos"), py::arg("logits") = true)
+        .def("attach_root", &PyTransformer::attach_root, py::arg("mesh"), py::arg("q80"), py::arg("vocab_slices"),
+             "Makes this the root of a cluster: steps then run on every node of the mesh.")
+        .def("detach", &PyTransformer::detach, "Tells the workers the session ended and leaves the cluster.")
+        .def("step", &PyTransformer::step, py::arg("tokens"), py::arg("pos"), py::arg("output"),
+             py::arg("temperature") = 1.0f)
+        .def("serve", &PyTransformer::serve, py::arg("mesh"), py::arg("q80"),
+             "A worker's loop: runs the root's steps until the session ends; returns why it ended.")
         .def_property_readonly("max_seq_len", [](PyTransformer& self) { return self.model->max_seq_len(); })
         .def_property_readonly("max_batch", [](PyTransformer& self) { return self.model->max_batch(); })
         .def_property_readonly("nthreads", [](PyTransformer& self) { return self.model->n_threads(); })

@@ -101,6 +101,7 @@ void Transformer::bind(const std::string& name, const uint8_t* data, int rows, i
 void Transformer::check_bound() const {
     auto& weights = const_cast<Weights&>(weights_);
     for (const std::string& name : tensor_names(config_)) {
+        if (name == "embed_tokens" && !plan_.embedding) continue;
         if (find_tensor_slot(weights, config_, plan_, name).tensor->data == nullptr)
             throw std::invalid_argument("tensor " + name + " was not loaded");
     }
@@ -162,27 +163,50 @@ void Transformer::sync(float* x, int n) {
     if (all_reduce_) all_reduce_->sum(x, n, config_.dim);
 }
 
-void Transformer::forward(const int* tokens, int n, int pos, float* logits) {
+void Transformer::check_step(int n, int pos) const {
     if (n <= 0) throw std::invalid_argument("forward needs at least one token");
     if (pos < 0 || (int64_t)pos + n > max_seq_len_)
         throw std::invalid_argument("position " + std::to_string(pos) + " + " + std::to_string(n) +
                                     " tokens exceeds max_seq_len " + std::to_string(max_seq_len_));
+}
+
+void Transformer::check_tokens(const int* tokens, int n) const {
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= config_.vocab_size)
             throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
                                         std::to_string(config_.vocab_size) + ")");
+}
+
+void Transformer::embed(const int* tokens, int n, float* x) const {
+    if (!weights_.embedding.data) throw std::invalid_argument("this node holds no embedding");
+    check_tokens(tokens, n);
+    const size_t dim = config_.dim;
+    for (int i = 0; i < n; i++) std::memcpy(x + i * dim, weights_.embedding.row(tokens[i]), dim * sizeof(float));
+}
+
+void Transformer::forward(const int* tokens, int n, int pos, float* logits) {
+    check_step(n, pos);
+    check_tokens(tokens, n);  // all of them before the first chunk changes the cache
     for (int done = 0; done < n; done += max_batch_) {
         const int chunk = std::min(max_batch_, n - done);
-        forward_chunk(tokens + done, chunk, pos + done, done + chunk == n ? logits : nullptr);
+        embed(tokens + done, chunk, x_.data());
+        forward_chunk(chunk, pos + done, done + chunk == n ? logits : nullptr);
     }
 }
 
-void Transformer::forward_chunk(const int* tokens, int n, int pos, float* logits) {
+void Transformer::forward_embedded(const float* x, int n, int pos, float* logits) {
+    check_step(n, pos);
+    const size_t dim = config_.dim;
+    for (int done = 0; done < n; done += max_batch_) {
+        const int chunk = std::min(max_batch_, n - done);
+        std::memcpy(x_.data(), x + done * dim, chunk * dim * sizeof(float));
+        forward_chunk(chunk, pos + done, done + chunk == n ? logits : nullptr);
+    }
+}
+
+void Transformer::forward_chunk(int n, int pos, float* logits) {
     const ModelConfig& c = config_;
     const size_t dim = c.dim;
-
-    // token embedding
-    for (int b = 0; b < n; b++) std::memcpy(&x_[b * dim], weights_.embedding.row(tokens[b]), dim * sizeof(float));
 
     for (int l = 0; l < c.n_layers; l++) {
         const LayerWeights& L = weights_.layers[l];

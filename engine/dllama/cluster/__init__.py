@@ -1,0 +1,1 @@
+"""Tensor parallelism across nodes: the slice plan, the control plane and the worker."""

@@ -1,0 +1,58 @@
+// The data plane between the nodes of a cluster once the control plane has wired it: one TCP
+// socket per pair of nodes, exchanges in a fixed order, and every wait bounded by a timeout.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace dllama {
+
+// A peer closed, reset, timed out or sent something malformed. The message names the peer.
+class NetError : public std::runtime_error {
+public:
+    NetError(int peer, const std::string& what) : std::runtime_error(what), peer_(peer) {}
+    int peer() const { return peer_; }
+
+private:
+    int peer_;
+};
+
+struct NetStats {
+    uint64_t sent = 0, received = 0;
+    double sync_seconds = 0;  // time spent in all-reduce exchanges
+};
+
+class Mesh {
+public:
+    // fds[i] is the connected socket to node i (-1 for this node); the mesh owns and closes them.
+    // names[i] labels node i in errors ("worker 10.0.0.3:9999").
+    Mesh(int node, std::vector<int> fds, std::vector<std::string> names, int timeout_ms);
+    ~Mesh();
+    Mesh(const Mesh&) = delete;
+    Mesh& operator=(const Mesh&) = delete;
+
+    int node() const { return node_; }
+    int size() const { return (int)fds_.size(); }
+    const std::string& name(int peer) const { return names_[peer]; }
+
+    void send(int peer, const void* data, size_t bytes);
+    // wait_forever: a worker waiting for the root's next step may wait as long as it likes (a
+    // vanished root is found by TCP keepalive); everything inside a step has the timeout.
+    void recv(int peer, void* data, size_t bytes, bool wait_forever = false);
+    // Sends `out` to every peer and receives `bytes` from each into in[peer * bytes], all at
+    // once, so payloads larger than the socket buffers cannot deadlock.
+    void exchange(const uint8_t* out, uint8_t* in, size_t bytes);
+
+    NetStats stats;
+
+private:
+    [[noreturn]] void fail(int peer, const std::string& what) const;
+    int node_;
+    std::vector<int> fds_;
+    std::vector<std::string> names_;
+    int timeout_ms_;
+};
+
+}  // namespace dllama
