@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -96,10 +97,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         _mount_convert(p)
     p.set_defaults(run=p.get_default("run") or _convert_unavailable)
 
-    p = sub.add_parser("worker", parents=[debug], help="serve as a worker node (arrives with the cluster)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--port", type=int, default=9999, help="port to listen on")
+    p = sub.add_parser("worker", parents=[debug], help="serve as a worker node of a cluster")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    p.add_argument("--port", type=_port, default=9999, help="port to listen on (default: 9999)")
     p.add_argument("--nthreads", type=_positive_int, default=os.cpu_count() or 1, help="threads of the core")
+    p.add_argument("--cluster-key-file", default=None, help="the cluster's shared key (root and workers)")
+    p.add_argument("--cache-dir", default=None, help="keep received weight slices here across restarts")
     p.set_defaults(run=run_worker)
     return parser
 
@@ -117,7 +120,8 @@ def _model_flags() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=_positive_int, default=None,
                    help="context size in tokens (default: the engine's, at most the model's)")
     g.add_argument("--workers", nargs="+", type=_host_port, default=[], metavar="HOST:PORT",
-                   help="worker nodes, in slice order")
+                   help="worker nodes, in slice order (HOST:PORT@W gives a node a share of weight W)")
+    g.add_argument("--cluster-key-file", default=None, help="the cluster's shared key (root and workers)")
     g = flags.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: 0.8)")
     g.add_argument("--topp", type=float, default=0.9, help="nucleus sampling threshold (default: 0.9)")
@@ -138,6 +142,16 @@ def _model_flags() -> argparse.ArgumentParser:
 def run_inference(args: argparse.Namespace) -> int:
     sampler = _sampler(args)
     tokenizer, engine = _load(args)
+    with _closing(engine):
+        return _inference(args, sampler, tokenizer, engine)
+
+
+def _closing(engine: Any) -> contextlib.AbstractContextManager:
+    # closing tells a cluster's workers the session ended, so they listen again at once
+    return contextlib.closing(engine) if hasattr(engine, "close") else contextlib.nullcontext()
+
+
+def _inference(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engine: Any) -> int:
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise CliError("the prompt is empty")
@@ -165,6 +179,11 @@ def run_inference(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     sampler = _sampler(args)
     tokenizer, engine = _load(args)
+    with _closing(engine):
+        return _chat(args, sampler, tokenizer, engine)
+
+
+def _chat(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engine: Any) -> int:
     if tokenizer.chat_template is None:
         raise CliError("the tokenizer has no chat template; use `dllama inference` for raw prompts")
     try:
@@ -226,8 +245,9 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    print(f"{PROG} worker: the worker arrives with the cluster issue", file=sys.stderr)
-    return EXIT_USAGE
+    from .cluster import worker
+
+    return worker.run(args)
 
 
 def _convert_unavailable(args: argparse.Namespace) -> int:
@@ -268,7 +288,7 @@ def _load(args: argparse.Namespace) -> tuple[Tokenizer, Any]:
         raise CliError(f"the native core is not available ({e}); reinstall dllama-cluster") from None
     options: dict[str, Any] = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
     engine = Engine(str(model), nthreads=args.nthreads, buffer_float_type=args.buffer_float_type,
-                    workers=list(args.workers), **options)  # no --max-seq-len: the engine's default
+                    workers=list(args.workers), cluster_key_file=args.cluster_key_file, **options)  # no --max-seq-len: the engine's default
 
     config = getattr(engine, "config", None)
     model_vocab = getattr(config, "vocab_size", None)
@@ -376,10 +396,19 @@ def _positive_int(text: str) -> int:
 
 
 def _host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    from .cluster.root import WorkerAddress
+
+    try:
+        WorkerAddress.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
+    return int(text)
 
 
 def _command(argv: Sequence[str]) -> str | None:

@@ -7,8 +7,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _core
-from .config import FloatType, ModelConfig, RopeType
+from .config import ModelConfig, RopeType
 from .model_file import ModelFile
+from .sampler import Candidates, Sampler, candidates, merge_candidates
+
+# how long a root waits for a worker inside a step before naming it lost
+STEP_TIMEOUT_MS = 10_000
 
 BUFFER_FLOAT_TYPES = ("q80", "f32")
 # Prompt tokens that go through the layers together; each weight is read once per batch.
@@ -42,6 +46,11 @@ def native_config(config: ModelConfig) -> dict:
     }
 
 
+class WorkerLost(ConnectionError):
+    """A node of the cluster stopped answering; the message names it. The engine cannot go on:
+    make a new one when the worker is back."""
+
+
 class Engine:
     """Runs a model one step at a time: `forward(tokens)` feeds tokens at the current position
     (several tokens are one prefill batch) and returns the last token's logits."""
@@ -55,6 +64,8 @@ class Engine:
         max_seq_len: int | None = DEFAULT_MAX_SEQ_LEN,
         workers: Sequence[str] = (),
         max_batch: int = DEFAULT_MAX_BATCH,
+        cluster_key_file: str | os.PathLike | None = None,
+        progress: bool = True,
     ) -> None:
         if not isinstance(nthreads, int) or isinstance(nthreads, bool) or not 1 <= nthreads <= 1024:
             raise ValueError(f"nthreads must be an integer between 1 and 1024, got {nthreads!r}")
@@ -64,30 +75,52 @@ class Engine:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if workers:
-            raise ValueError("this build runs on one node only; --workers arrives with the cluster")
+        from .cluster.plan import plan_slices
+        from .cluster.root import WorkerAddress
 
+        addresses = [w if isinstance(w, WorkerAddress) else WorkerAddress.parse(str(w)) for w in workers]
+        self.workers = [str(a) for a in addresses]
+        self._core = None
+        self._mesh = None
+        self._broken: str | None = None
+        self.weights_sent = 0  # bytes of weights this root sent to workers (0 when their caches had them)
         self._file = ModelFile.open(model_path)
         try:
             self.config: ModelConfig = self._file.config
             self.buffer_float_type = buffer_float_type
             self.max_seq_len = min(max_seq_len or self.config.seq_len, self.config.seq_len)
-            self._core = _core.Transformer(
-                native_config(self.config), None, nthreads=nthreads, max_seq_len=self.max_seq_len, max_batch=max_batch
-            )
-            self._bind_weights()
+            slices = plan_slices(self.config, [1.0] + [a.weight for a in addresses])
+            if addresses:
+                self._connect(slices, addresses, cluster_key_file, max_batch, progress)
+            self._core = _core.Transformer(native_config(self.config), slices[0].native(), nthreads=nthreads,
+                                           max_seq_len=self.max_seq_len, max_batch=max_batch)
+            self._bind_weights(slices[0])
+            if self._mesh is not None:
+                self._core.attach_root(self._mesh, buffer_float_type == "q80", [s.vocab[1] - s.vocab[0] for s in slices])
         except BaseException:
             self._core = None
+            self._mesh = None
             self._file.close()
             raise
         self.nthreads = nthreads
         self._position = 0
+        self._last_stats: dict = {}
 
-    def _bind_weights(self) -> None:
-        buffer = self._file.buffer
-        for info in self._file.tensors.values():
-            rows, cols = (1, info.shape[0]) if len(info.shape) == 1 else info.shape
-            self._core.bind(info.name, buffer, info.offset, rows, cols, info.nbytes // rows, int(info.type))
+    def _connect(self, slices, addresses, cluster_key_file, max_batch: int, progress: bool) -> None:
+        from .cluster import auth
+        from .cluster.root import connect_workers
+
+        key = auth.load_key(cluster_key_file, "root")
+        fds, names, self.weights_sent = connect_workers(
+            self._file, slices, addresses, key=key, q80=self.buffer_float_type == "q80",
+            max_seq_len=self.max_seq_len, max_batch=max_batch, progress=progress)
+        self._mesh = _core.Mesh(0, fds, names, STEP_TIMEOUT_MS)
+
+    def _bind_weights(self, node) -> None:
+        from .cluster.slices import node_tensors
+
+        for t in node_tensors(self._file, node):
+            self._core.bind(t.name, self._file.buffer, t.offset, t.rows, t.cols, t.row_stride, int(t.type))
         self._core.check_bound()
 
     @property
@@ -99,18 +132,50 @@ class Engine:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    @property
+    def is_cluster(self) -> bool:
+        return self._mesh is not None
+
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         """Feeds tokens at the current position and returns the last one's float32 logits [vocab]."""
-        ids = self._check_tokens(tokens)
-        logits = self._core.forward(ids, self._position, True)
-        self._position += len(ids)
-        return logits
+        return self._step(tokens, 1)
 
     def feed(self, tokens: Sequence[int]) -> None:
         """Like forward, without computing logits (a prompt whose next token is already known)."""
+        self._step(tokens, 0)
+
+    def forward_candidates(self, tokens: Sequence[int], temperature: float) -> Candidates:
+        """Like forward, returning only the 64 best candidates and the softmax normaliser at this
+        temperature: all a sampler needs, and in a cluster far less traffic than every logit."""
+        if not self.is_cluster:
+            return candidates(self._step(tokens, 1), temperature)
+        return merge_candidates(self._step(tokens, 2, temperature))
+
+    def next_token(self, tokens: Sequence[int], sampler: Sampler) -> int:
+        """Feeds tokens and samples the next one, moving as little data as the node count allows."""
+        if not self.is_cluster:
+            return sampler.sample(self._step(tokens, 1))
+        return sampler.sample_candidates(*self.forward_candidates(tokens, sampler.temperature))
+
+    def _step(self, tokens: Sequence[int], output: int, temperature: float = 1.0):
         ids = self._check_tokens(tokens)
-        self._core.forward(ids, self._position, False)
+        if self._mesh is None:
+            result = self._core.forward(ids, self._position, output != 0)
+        else:
+            before = self._mesh.stats()
+            try:
+                result = self._core.step(ids, self._position, output, temperature)
+            except _core.NetworkError as e:
+                self._broken = str(e)
+                raise WorkerLost(str(e)) from None
+            after = self._mesh.stats()
+            self._last_stats = {
+                "sync_ms": (after["sync_seconds"] - before["sync_seconds"]) * 1000,
+                "sent_kb": (after["sent"] - before["sent"]) / 1024,
+                "recv_kb": (after["received"] - before["received"]) / 1024,
+            }
         self._position += len(ids)
+        return result
 
     def reset(self) -> None:
         """Starts a new sequence."""
@@ -123,11 +188,15 @@ class Engine:
         self._position = position
 
     def stats(self) -> dict:
-        """Per-step figures beyond timing; a single node has no network traffic to report."""
-        return {}
+        """Figures of the last step beyond timing: sync ms, KB sent and received (a single node
+        has no network traffic to report)."""
+        return dict(self._last_stats)
 
     def close(self) -> None:
+        if self._core is not None and self._mesh is not None and self._broken is None:
+            self._core.detach()
         self._core = None
+        self._mesh = None
         self._file.close()
 
     def __enter__(self) -> Engine:
@@ -139,6 +208,8 @@ class Engine:
     def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
         if self._core is None:
             raise ValueError("the engine is closed")
+        if self._broken is not None:
+            raise WorkerLost(f"the cluster lost a node earlier: {self._broken}")
         try:
             ids = np.asarray(tokens)
         except (TypeError, ValueError) as e:

@@ -91,9 +91,12 @@ def generate(
     tokens: list[int] = []
 
     t0 = time.perf_counter()
-    logits = engine.forward(prompt_ids)
+    if steps > 0:
+        token = _next_token(engine, prompt_ids, sampler)
+    else:
+        engine.forward(prompt_ids)
+        token = None
     prefill_net = _net_stats(engine)
-    token = sampler.sample(logits) if steps > 0 else None
     prefill_seconds = time.perf_counter() - t0
     decode_net: dict[str, float] = {}
 
@@ -111,10 +114,9 @@ def generate(
         if len(tokens) >= steps or engine.position >= engine.max_seq_len:
             break
         t0 = time.perf_counter()
-        logits = engine.forward([token])
+        token = _next_token(engine, [token], sampler)
         for key, value in _net_stats(engine).items():
             decode_net[key] = decode_net.get(key, 0.0) + value
-        token = sampler.sample(logits)
         decode_seconds += time.perf_counter() - t0
         decode_tokens += 1
 
@@ -129,6 +131,14 @@ def generate(
         prefill_net=_per_token(prefill_net, len(prompt_ids)),
         decode_net=_per_token(decode_net, decode_tokens),
     )
+
+
+def _next_token(engine: Any, tokens: list[int], sampler: Sampler) -> int:
+    # the engine samples where that moves less data (a cluster's nodes send their best
+    # candidates, not every logit); anything with only forward() gets its logits sampled here
+    if hasattr(engine, "next_token"):
+        return engine.next_token(tokens, sampler)
+    return sampler.sample(engine.forward(tokens))
 
 
 def format_stats(result: GenerationResult) -> str:
