@@ -133,7 +133,7 @@ class ScriptedEngine:
     script: list[int] = []
 
     def __init__(self, model: str, *, nthreads: int, buffer_float_type: str, workers: list[str],
-                 max_seq_len: int = 4096) -> None:
+                 max_seq_len: int = 4096, cluster_key_file: str | None = None) -> None:
         self.options = {"nthreads": nthreads, "buffer_float_type": buffer_float_type, "workers": workers,
                         "max_seq_len": max_seq_len}
         self.config = SimpleNamespace(vocab_size=151936, n_layers=2, dim=64)
