@@ -103,6 +103,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--nthreads", type=_positive_int, default=os.cpu_count() or 1, help="threads of the core")
     p.add_argument("--cluster-key-file", default=None, help="the cluster's shared key (root and workers)")
     p.add_argument("--cache-dir", default=None, help="keep received weight slices here across restarts")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds a peer may stay silent inside a handshake or a step (default: 10)")
     p.set_defaults(run=run_worker)
     return parser
 

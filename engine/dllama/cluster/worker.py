@@ -166,7 +166,10 @@ class Worker:
 
 def run(args) -> int:
     key = auth.load_key(args.cluster_key_file, "worker")
-    worker = Worker(host=args.host, port=args.port, nthreads=args.nthreads, key=key, cache_dir=args.cache_dir)
+    if not 0.1 <= args.timeout <= 3600:
+        raise ValueError("--timeout must be between 0.1 and 3600 seconds")
+    worker = Worker(host=args.host, port=args.port, nthreads=args.nthreads, key=key, cache_dir=args.cache_dir,
+                    timeout=args.timeout)
     try:
         worker.serve_forever()
     except KeyboardInterrupt:
