@@ -130,7 +130,6 @@ SlicePlan plan_from(const ModelConfig& c, const py::object& obj) {
     range("ffn", p.ffn_begin, p.ffn_end, c.hidden_dim);
     range("moe", p.moe_begin, p.moe_end, c.moe_hidden_dim);
     range("vocab", p.vocab_begin, p.vocab_end, c.vocab_size);
-    if (d.contains("embedding")) p.embedding = d["embedding"].cast<bool>();
     return p;
 }
 

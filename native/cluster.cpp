@@ -82,17 +82,17 @@ ClusterRoot::ClusterRoot(Transformer& model, Mesh& mesh, bool q80, std::vector<i
 
 void ClusterRoot::step(const int* tokens, int n, int pos, StepOutput output, float temperature, float* logits,
                        std::vector<TopK>* parts) {
-    const size_t dim = model_.config().dim;
-    x_.resize((size_t)n * dim);
-    model_.embed(tokens, n, x_.data());
     const bool wants = output != StepOutput::None;
     StepHeader header{kStepMagic, pos, n, (int32_t)output, temperature};
+    // a bad token or position must fail here, before the workers start on the step
+    model_.check_step(n, pos);
+    model_.check_tokens(tokens, n);
     for (int p = 1; p < mesh_.size(); p++) {
         mesh_.send(p, &header, sizeof header);
-        mesh_.send(p, x_.data(), x_.size() * sizeof(float));
+        mesh_.send(p, tokens, (size_t)n * sizeof(int32_t));
     }
     float* own = output == StepOutput::Logits ? logits : local_.data();
-    model_.forward_embedded(x_.data(), n, pos, wants ? own : nullptr);
+    model_.forward(tokens, n, pos, wants ? own : nullptr);
     if (output == StepOutput::Logits) {
         size_t at = model_.plan().vocab();
         for (int p = 1; p < mesh_.size(); p++) {
@@ -124,8 +124,8 @@ std::string serve_worker(Transformer& model, Mesh& mesh, bool q80) {
         Transformer& model;
         ~Detach() { model.set_all_reduce(nullptr); }
     } detach{model};
-    const size_t dim = model.config().dim;
-    std::vector<float> x, logits(model.plan().vocab());
+    std::vector<int32_t> tokens;
+    std::vector<float> logits(model.plan().vocab());
     try {
         for (;;) {
             StepHeader h{};
@@ -135,10 +135,14 @@ std::string serve_worker(Transformer& model, Mesh& mesh, bool q80) {
             if (h.n_tokens <= 0 || h.n_tokens > model.max_seq_len() || h.pos < 0 ||
                 (int64_t)h.pos + h.n_tokens > model.max_seq_len() || h.output < 0 || h.output > 2)
                 return "the root sent a step out of range";
-            x.resize((size_t)h.n_tokens * dim);
-            mesh.recv(0, x.data(), x.size() * sizeof(float));
+            tokens.resize(h.n_tokens);
+            mesh.recv(0, tokens.data(), tokens.size() * sizeof(int32_t));
             const bool wants = h.output != (int32_t)StepOutput::None;
-            model.forward_embedded(x.data(), h.n_tokens, h.pos, wants ? logits.data() : nullptr);
+            try {
+                model.forward(tokens.data(), h.n_tokens, h.pos, wants ? logits.data() : nullptr);
+            } catch (const std::invalid_argument& e) {
+                return std::string("the root sent a step this node cannot run: ") + e.what();
+            }
             if (h.output == (int32_t)StepOutput::Logits) {
                 mesh.send(0, logits.data(), logits.size() * sizeof(float));
             } else if (h.output == (int32_t)StepOutput::TopK) {

@@ -1,8 +1,9 @@
-// One forward step across the nodes of a cluster: the root sends every worker the step and the
-// embedded tokens, all nodes run their slices with a mesh all-reduce after attention and after
-// the feed-forward block, and each node answers with its slice of the output.
+// One forward step across the nodes of a cluster: the root sends every worker the step and its
+// tokens (every node holds the embedding: token ids cost 4 bytes where embedded rows would cost
+// dim floats), all nodes run their slices with a mesh all-reduce after attention and after the
+// feed-forward block, and each node answers with its slice of the output.
 //
-//  root -> worker, per step        | StepHeader (20 bytes) | x: n_tokens x dim float32 |
+//  root -> worker, per step        | StepHeader (20 bytes) | tokens: n_tokens x int32 |
 //  every node <-> every node        | partial sums: n_tokens x dim, Q80 blocks or float32 |  x 2 per layer
 //  worker -> root, per step         | nothing | vocab slice float32 | TopK (516 bytes) |
 #pragma once
@@ -70,7 +71,7 @@ private:
     Mesh& mesh_;
     MeshAllReduce all_reduce_;
     std::vector<int> worker_vocab_;  // vocab slice size of each node
-    std::vector<float> x_, local_;
+    std::vector<float> local_;
 };
 
 // A worker's loop: steps from the root until it stops or a peer fails. Returns why it ended.

@@ -101,7 +101,6 @@ void Transformer::bind(const std::string& name, const uint8_t* data, int rows, i
 void Transformer::check_bound() const {
     auto& weights = const_cast<Weights&>(weights_);
     for (const std::string& name : tensor_names(config_)) {
-        if (name == "embed_tokens" && !plan_.embedding) continue;
         if (find_tensor_slot(weights, config_, plan_, name).tensor->data == nullptr)
             throw std::invalid_argument("tensor " + name + " was not loaded");
     }
@@ -178,8 +177,6 @@ void Transformer::check_tokens(const int* tokens, int n) const {
 }
 
 void Transformer::embed(const int* tokens, int n, float* x) const {
-    if (!weights_.embedding.data) throw std::invalid_argument("this node holds no embedding");
-    check_tokens(tokens, n);
     const size_t dim = config_.dim;
     for (int i = 0; i < n; i++) std::memcpy(x + i * dim, weights_.embedding.row(tokens[i]), dim * sizeof(float));
 }
@@ -190,16 +187,6 @@ void Transformer::forward(const int* tokens, int n, int pos, float* logits) {
     for (int done = 0; done < n; done += max_batch_) {
         const int chunk = std::min(max_batch_, n - done);
         embed(tokens + done, chunk, x_.data());
-        forward_chunk(chunk, pos + done, done + chunk == n ? logits : nullptr);
-    }
-}
-
-void Transformer::forward_embedded(const float* x, int n, int pos, float* logits) {
-    check_step(n, pos);
-    const size_t dim = config_.dim;
-    for (int done = 0; done < n; done += max_batch_) {
-        const int chunk = std::min(max_batch_, n - done);
-        std::memcpy(x_.data(), x + done * dim, chunk * dim * sizeof(float));
         forward_chunk(chunk, pos + done, done + chunk == n ? logits : nullptr);
     }
 }

@@ -35,10 +35,9 @@ public:
     // Runs n tokens at positions pos .. pos+n-1 (the KV cache holds every earlier position).
     // When logits is not null it receives the last token's logits over this node's vocab slice.
     void forward(const int* tokens, int n, int pos, float* logits);
-    // The same from embedded rows x [n, dim] (a worker gets them from the root).
-    void forward_embedded(const float* x, int n, int pos, float* logits);
-    // x [n, dim] = the embedding rows of the tokens (checked to be in the vocabulary).
-    void embed(const int* tokens, int n, float* x) const;
+    // Throw std::invalid_argument for a step forward would refuse.
+    void check_step(int n, int pos) const;
+    void check_tokens(const int* tokens, int n) const;
 
     const ModelConfig& config() const { return config_; }
     const SlicePlan& plan() const { return plan_; }
@@ -58,8 +57,7 @@ private:
     // weights, their Q80 copy (made here, in parallel) for Q40 weights.
     const void* matmul_input(const float* x, BlockQ80* xq, int rows, int cols);
 
-    void check_step(int n, int pos) const;
-    void check_tokens(const int* tokens, int n) const;
+    void embed(const int* tokens, int n, float* x) const;
     void forward_chunk(int n, int pos, float* logits);  // x_ holds the n rows
     void attention(int layer, int n, int pos);
     void dense_ffn(int layer, int n);

@@ -42,7 +42,6 @@ struct SlicePlan {
     int ffn_begin = 0, ffn_end = 0;          // dense FFN hidden rows
     int moe_begin = 0, moe_end = 0;          // hidden rows of every expert
     int vocab_begin = 0, vocab_end = 0;      // LM head rows
-    bool embedding = true;                   // the root embeds tokens; workers receive rows
 
     static SlicePlan whole(const ModelConfig& c);
     int q_heads() const { return q_head_end - q_head_begin; }

@@ -17,11 +17,10 @@ class NodeSlice:
     ffn: tuple[int, int]
     moe: tuple[int, int]
     vocab: tuple[int, int]
-    embedding: bool
 
     def native(self) -> dict:
         """The plan as the native core takes it (empty dense/MoE ranges are left out)."""
-        d = {"q_heads": self.q_heads, "kv_heads": self.kv_heads, "vocab": self.vocab, "embedding": self.embedding}
+        d = {"q_heads": self.q_heads, "kv_heads": self.kv_heads, "vocab": self.vocab}
         if self.ffn[1] > self.ffn[0]:
             d["ffn"] = self.ffn
         if self.moe[1] > self.moe[0]:
@@ -52,7 +51,8 @@ def split(total: int, weights: Sequence[float], unit: int = 1) -> list[tuple[int
 
 
 def plan_slices(config: ModelConfig, weights: Sequence[float]) -> list[NodeSlice]:
-    """The slice of every node; node 0 is the root (it alone embeds tokens)."""
+    """The slice of every node; node 0 is the root. Every node holds the whole embedding (the
+    root sends token ids, 4 bytes each, where embedded rows would cost dim floats)."""
     n = len(weights)
     if n < 1:
         raise ValueError("a cluster has at least one node")
@@ -77,5 +77,5 @@ def plan_slices(config: ModelConfig, weights: Sequence[float]) -> list[NodeSlice
         q0, q1 = heads[i]
         # the kv heads its query heads read; nodes sharing a kv head each hold a copy of it
         kv = (q0 // group, (q1 - 1) // group + 1)
-        out.append(NodeSlice((q0, q1), kv, ffn[i], moe[i], vocab[i], embedding=i == 0))
+        out.append(NodeSlice((q0, q1), kv, ffn[i], moe[i], vocab[i]))
     return out

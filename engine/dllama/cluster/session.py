@@ -56,8 +56,7 @@ class Session:
         try:
             config = ModelConfig(**{k: int(v) for k, v in d["config"].items()})
             s = d["slice"]
-            node_slice = NodeSlice(*(tuple(int(x) for x in s[k]) for k in ("q_heads", "kv_heads", "ffn", "moe", "vocab")),
-                                   embedding=bool(s["embedding"]))
+            node_slice = NodeSlice(*(tuple(int(x) for x in s[k]) for k in ("q_heads", "kv_heads", "ffn", "moe", "vocab")))
             manifest = [(str(n), int(t), int(r), int(c)) for n, t, r, c in d["manifest"]]
             session = cls(config, node_slice, int(d["node"]), int(d["nodes"]), bool(d["q80"]), int(d["max_seq_len"]),
                           int(d["max_batch"]), str(d["model_hash"]), manifest)

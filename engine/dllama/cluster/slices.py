@@ -48,8 +48,6 @@ def node_tensors(model: ModelFile, node: NodeSlice) -> Iterator[TensorSlice]:
     rows_of["gate_proj"] = rows_of["up_proj"] = hidden
     cols_of["down_proj"] = hidden
     for info in model.tensors.values():
-        if info.name == "embed_tokens" and not node.embedding:
-            continue
         shape = info.shape if len(info.shape) == 2 else (1, info.shape[0])
         stride = info.nbytes // shape[0]
         part = _part(info.name)
