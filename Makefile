@@ -7,7 +7,7 @@ OUT ?= out
 NTHREADS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench install deps system-deps lint e2e clean
+.PHONY: demo test bench install deps system-deps lint e2e clean wheelhouse
 
 # The Python environment: build tools first (the package is built without isolation, so the
 # native core's build directory is reused between runs), then the package's own dependencies.
@@ -15,7 +15,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
-	$(PIP) install -q "torch==2.13.0" "transformers>=5,<6" "pytest>=8" numpy tokenizers "jinja2>=3.1" safetensors tqdm
+	$(PIP) install -q "torch==2.13.0" "transformers>=5,<6" "pytest>=8" numpy tokenizers "jinja2>=3.1" safetensors tqdm starlette uvicorn prometheus-client openai httpx "ansible==12.3.0" "ansible-lint==26.10.1" "pytest-testinfra>=10"
 	touch $@
 
 deps: $(VENV)/.deps
@@ -44,6 +44,43 @@ test: system-deps install
 
 bench: install
 	$(PY) tests/bench.py --nthreads $(NTHREADS)
+
+# The engine for nodes with no internet: for each node architecture, the dependencies' wheels
+# (manylinux, CPython $(WHEELHOUSE_PYTHON) as on Debian bookworm), our source distribution, and our
+# wheel for this machine's architecture when this Python matches; ARCH.tar is what the engine role
+# copies to a node (byte-identical when nothing changed, so a second run copies nothing).
+WHEELHOUSE ?= $(OUT)/wheelhouse
+WHEELHOUSE_ARCHS ?= x86_64 aarch64
+WHEELHOUSE_PYTHON ?= 3.11
+HOST_ARCH := $(shell uname -m)
+MANYLINUX_PLATFORMS = $(foreach v,$(shell seq 17 36),--platform manylinux_2_$(v)_$(1))
+BUILD_REQUIREMENTS := scikit-build-core pybind11 cmake ninja
+
+wheelhouse: deps
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)/dist
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+	  > $(WHEELHOUSE)/requirements.txt
+	$(PY) -c "from scikit_build_core.build import build_sdist; build_sdist('$(WHEELHOUSE)/dist')"
+	if [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(WHEELHOUSE_PYTHON)" ]; then \
+	  SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
+	    $(PIP) wheel -q --no-build-isolation --no-deps --wheel-dir $(WHEELHOUSE)/dist . ; fi
+	set -e; for arch in $(WHEELHOUSE_ARCHS); do \
+	  mkdir -p $(WHEELHOUSE)/$$arch; \
+	  cp $(WHEELHOUSE)/dist/*.tar.gz $(WHEELHOUSE)/$$arch/; \
+	  extra="$(BUILD_REQUIREMENTS)"; \
+	  if [ $$arch = $(HOST_ARCH) ] && ls $(WHEELHOUSE)/dist/*.whl >/dev/null 2>&1; then \
+	    cp $(WHEELHOUSE)/dist/*.whl $(WHEELHOUSE)/$$arch/; extra=; fi; \
+	  $(PIP) download -q --dest $(WHEELHOUSE)/$$arch --only-binary=:all: --implementation cp \
+	    --python-version $(WHEELHOUSE_PYTHON) $(call MANYLINUX_PLATFORMS,$$arch) \
+	    -r $(WHEELHOUSE)/requirements.txt $$extra; \
+	  tar -C $(WHEELHOUSE)/$$arch --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
+	    -cf $(WHEELHOUSE)/$$arch.tar .; \
+	done
+	@for arch in $(WHEELHOUSE_ARCHS); do echo "$(WHEELHOUSE)/$$arch:"; ls $(WHEELHOUSE)/$$arch | sed 's/^/  /'; done
+
+# The appliance's playbooks and roles: ansible-lint's strictest profile (it runs yamllint too).
+lint: deps
+	$(VENV)/bin/ansible-lint --offline --profile production site.yml ansible/health.yml ansible/requirements.yml roles
 
 clean:
 	rm -rf build $(OUT) $(VENV)

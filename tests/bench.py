@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,11 @@ import numpy as np
 
 from dllama import Engine, _core
 from dllama.config import BLOCK_BYTES, BLOCK_SIZE, FloatType, ModelConfig
+from dllama.sampler import Sampler
 from dllama.testing.checkpoint import make_model_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cluster_helpers import WorkerProcess  # noqa: E402
 
 CACHE = Path(os.environ.get("DLLAMA_BENCH_CACHE", Path.home() / ".cache" / "dllama"))
 
@@ -43,6 +48,7 @@ def main() -> None:
     parser.add_argument("--nthreads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--no-cluster", dest="cluster", action="store_false", help="skip the 2-node run")
     args = parser.parse_args()
 
     model = CACHE / f"bench-{args.layers}L-q40.m"
@@ -80,6 +86,33 @@ def main() -> None:
     print(f"active weights / token  {per_token / 1e6:8.1f} MB  -> limit {limit_tok_s:7.2f} tok/s")
     print(f"decode                  {decode_tok_s:8.2f} tok/s  {1000 / decode_tok_s:7.1f} ms/token  = {decode_tok_s / limit_tok_s:.2f} of the limit")
     print(f"prefill ({args.prompt_tokens} tokens)     {prefill_tok_s:8.2f} tok/s  = {prefill_tok_s / decode_tok_s:.1f} x decode")
+    if args.cluster:
+        cluster(model, c, args, decode_tok_s, prompt)
+
+
+def cluster(model: Path, c: ModelConfig, args, one_node_tok_s: float, prompt: list[int]) -> None:
+    """Root + 1 worker on loopback, 1 thread each, against the 1-node figure above."""
+    worker = WorkerProcess("--cache-dir", str(CACHE / "bench-worker-cache"), nthreads=1, timeout=60)
+    try:
+        with Engine(model, nthreads=1, max_seq_len=args.prompt_tokens + args.decode_tokens + 8,
+                    workers=[worker.address]) as engine:
+            greedy = Sampler(temperature=0)
+            token = engine.next_token(prompt, greedy)
+            sync = sent = recv = 0.0
+            start = time.perf_counter()
+            for _ in range(args.decode_tokens):
+                token = engine.next_token([token], greedy)
+                s = engine.stats()
+                sync, sent, recv = sync + s["sync_ms"], sent + s["sent_kb"], recv + s["recv_kb"]
+            decode_s = time.perf_counter() - start
+    finally:
+        worker.stop()
+    n = args.decode_tokens
+    tok_s = n / decode_s
+    bound_kb = 2 * c.n_layers * 1 * c.dim * 34 / 32 / 1024
+    print(f"2 nodes (1 thread each) {tok_s:8.2f} tok/s  = {tok_s / one_node_tok_s:.2f} of 1 node with 2 threads")
+    print(f"  per token: sync {sync / n:.2f} ms, sent {sent / n:.1f} KB, received {recv / n:.1f} KB"
+          f" (all-reduce bound {bound_kb:.1f} KB + the top-64 gather)")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import stat
 import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import prometheus_client
+import uvicorn
 
 PROG = "dllama-api"
 EXIT_ERROR = 1
@@ -74,8 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from dllama import cli
     from dllama.engine import DEFAULT_MAX_SEQ_LEN
     from dllama.model_file import ModelFile
@@ -86,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
     from dllama.server.schemas import Sampling
     from dllama.tokenizer import Tokenizer
 
+    prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
     for name, reason in cli.IGNORED_FLAGS.items():
         if getattr(args, name, None) is not None:
             print(f"{PROG}: note: --{name.replace('_', '-')} is ignored ({reason})", file=sys.stderr)
@@ -109,11 +109,13 @@ def serve(args: argparse.Namespace) -> int:
     def create_engine() -> Any:
         from dllama import Engine
 
-        options = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
+        options: dict[str, Any] = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
+        if getattr(args, "cluster_key_file", None) is not None:
+            options["cluster_key_file"] = args.cluster_key_file
         return Engine(str(model), nthreads=args.nthreads, buffer_float_type=args.buffer_float_type,
                       workers=list(args.workers), **options)
 
-    host = EngineHost(create_engine, workers=args.workers)
+    host = EngineHost(create_engine, workers=[w.partition("@")[0] for w in args.workers])  # HOST:PORT[@weight]
     host.start()
     try:
         engine = host.info()
@@ -143,15 +145,26 @@ def serve(args: argparse.Namespace) -> int:
                   f"pass --api-key-file FILE (or --host 127.0.0.1)", file=sys.stderr)
         print(f"{PROG}: serving {config.model_name} (context {context_length}, queue {args.queue_size}) on "
               f"http://{_url_host(args.host)}:{args.port}/v1", file=sys.stderr, flush=True)
-        started = time.monotonic()
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                               timeout_graceful_shutdown=5, lifespan="on"))
-        server.run()
-        if not server.started and time.monotonic() - started < 60:
-            return EXIT_ERROR  # uvicorn said why (e.g. the port is taken)
+        server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                        timeout_graceful_shutdown=5, lifespan="on"), on_shutdown=scheduler.drain)
+        server.run()  # until SIGINT/SIGTERM; a port already taken is logged and exits 1
         return 0
     finally:
         host.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending the requests in flight as soon as it starts shutting down (the
+    running one with an error event, the waiting ones with 503) rather than waiting out long
+    generations until its graceful timeout cancels them."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self._on_shutdown()
+        await super().shutdown(sockets)
 
 
 def _read_api_key(path: str) -> str:

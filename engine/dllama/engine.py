@@ -9,6 +9,7 @@ import numpy as np
 from . import _core
 from .config import ModelConfig, RopeType
 from .model_file import ModelFile
+from .cluster.errors import WorkerLost
 from .sampler import Candidates, Sampler, candidates, merge_candidates
 
 # how long a root waits for a worker inside a step before naming it lost
@@ -44,11 +45,6 @@ def native_config(config: ModelConfig) -> dict:
         "norm_eps": config.eps,
         "weight_type": int(config.weight_type),
     }
-
-
-class WorkerLost(ConnectionError):
-    """A node of the cluster stopped answering; the message names it. The engine cannot go on:
-    make a new one when the worker is back."""
 
 
 class Engine:
@@ -167,7 +163,7 @@ class Engine:
                 result = self._core.step(ids, self._position, output, temperature)
             except _core.NetworkError as e:
                 self._broken = str(e)
-                raise WorkerLost(str(e)) from None
+                raise self._lost(str(e)) from None
             after = self._mesh.stats()
             self._last_stats = {
                 "sync_ms": (after["sync_seconds"] - before["sync_seconds"]) * 1000,
@@ -205,11 +201,15 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _lost(self, message: str) -> WorkerLost:
+        """The error for a failed step, naming the worker its message is about."""
+        return WorkerLost(next((w for w in self.workers if w in message), ""), message)
+
     def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
         if self._core is None:
             raise ValueError("the engine is closed")
         if self._broken is not None:
-            raise WorkerLost(f"the cluster lost a node earlier: {self._broken}")
+            raise self._lost(f"the cluster lost a node earlier: {self._broken}")
         try:
             ids = np.asarray(tokens)
         except (TypeError, ValueError) as e:

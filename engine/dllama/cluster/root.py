@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..model_file import ModelFile
 from . import auth
+from .errors import ClusterError
 from .plan import NodeSlice
 from .protocol import (WEIGHT_CHUNK, WEIGHT_HEADER, Frame, ProtocolError, RemoteError, recv_frame, recv_json,
                        send_frame, send_json)
@@ -18,14 +19,6 @@ from .session import Session
 from .slices import TensorSlice, node_tensors, slice_bytes
 
 CONNECT_TIMEOUT = 10.0
-
-
-class ClusterError(ConnectionError):
-    """A worker could not be reached, refused this root, or failed; the message names it."""
-
-    def __init__(self, worker: str, message: str) -> None:
-        super().__init__(f"worker {worker}: {message}")
-        self.worker = worker
 
 
 @dataclass(frozen=True)

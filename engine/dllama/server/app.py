@@ -255,7 +255,7 @@ class _Api:
                      f"Retry in {e.retry_after} s.", type="rate_limit_error", code="queue_full",
                 headers={"Retry-After": str(e.retry_after)}))
         except EngineDown as e:
-            return self._error(endpoint, unavailable(f"The engine is down: {e}"))
+            return self._error(endpoint, unavailable(f"The engine is down ({e}); retry shortly."))
 
         handed_over = False
         try:
@@ -267,8 +267,13 @@ class _Api:
             assert isinstance(first, Started), first
             if sampling.stream:
                 handed_over = True
-                return StreamingResponse(self._stream(job, events, shape), media_type="text/event-stream",
-                                         headers=SSE_HEADERS)
+                outcome = {"status": CLIENT_CLOSED}
+
+                def close() -> None:  # however the stream ends, even before it began
+                    self.scheduler.cancel(job)  # a no-op once the job is done
+                    self.metrics.request(endpoint, outcome["status"])
+
+                return _EventStream(self._stream(events, shape, outcome), on_close=close)
             outcome = await _unless_client_leaves(request, _collect(events))
             if outcome is None:
                 return self._gone(endpoint)
@@ -281,33 +286,28 @@ class _Api:
             if not handed_over:
                 self.scheduler.cancel(job)  # a no-op once the job is done
 
-    async def _stream(self, job: Job, events: asyncio.Queue, shape: _Shape) -> AsyncIterator[str]:
-        status = CLIENT_CLOSED
-        try:
-            opening = shape.opening()
-            if opening:
-                yield opening
-            while True:
-                batch = [await events.get()]
-                while not events.empty():
-                    batch.append(events.get_nowait())
-                out = []
-                for event in batch:
-                    if isinstance(event, Delta):
-                        out.append(shape.chunk(event))
-                    elif isinstance(event, Finished):
-                        out.append(shape.closing(event))
-                        status = 200
-                    elif isinstance(event, Failed):
-                        out.append(_sse(event.error.body()))
-                        status = event.error.status
-                yield "".join(out)
-                if status != CLIENT_CLOSED:
-                    return
-        finally:
-            if status == CLIENT_CLOSED:
-                self.scheduler.cancel(job)
-            self.metrics.request(shape.endpoint, status)
+    async def _stream(self, events: asyncio.Queue, shape: _Shape, outcome: dict[str, int]) -> AsyncIterator[str]:
+        """SSE chunks of the job's events until its last one; outcome["status"] says how it ended."""
+        opening = shape.opening()
+        if opening:
+            yield opening
+        while True:
+            batch = [await events.get()]
+            while not events.empty():
+                batch.append(events.get_nowait())
+            out = []
+            for event in batch:
+                if isinstance(event, Delta):
+                    out.append(shape.chunk(event))
+                elif isinstance(event, Finished):
+                    out.append(shape.closing(event))
+                    outcome["status"] = 200
+                elif isinstance(event, Failed):
+                    out.append(_sse(event.error.body()))  # the openai client raises APIError on it
+                    outcome["status"] = event.error.status
+            yield "".join(out)
+            if outcome["status"] != CLIENT_CLOSED:
+                return
 
     # responses
 
@@ -328,6 +328,21 @@ class _Api:
             "context_length": self.config.context_length,
             "max_model_len": self.config.context_length,
         }
+
+
+class _EventStream(StreamingResponse):
+    """A text/event-stream response that calls on_close however it ends: its last event sent,
+    the client gone, or the task cancelled before the stream began."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 # response shapes: one per endpoint

@@ -23,20 +23,12 @@ from typing import Any, Callable, Sequence, TypeVar
 
 log = logging.getLogger("dllama.api")
 
+from ..cluster.errors import WorkerLost
+
 T = TypeVar("T")
 
 MIN_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 5.0  # a restarted worker is back in use within this long
-
-
-class WorkerLost(ConnectionError):
-    """A worker stopped answering mid-step. address is its HOST:PORT ("" when unknown)."""
-
-    def __init__(self, address: str, reason: str = "") -> None:
-        self.address = address
-        self.reason = reason
-        who = f"worker {address}" if address else "a worker"
-        super().__init__(f"{who} is down" + (f": {reason}" if reason else ""))
 
 
 class EngineDown(RuntimeError):
@@ -96,8 +88,8 @@ class EngineHost:
         error (a missing model file, bad flags) is the operator's to fix and is raised."""
         try:
             engine = self._factory()
-        except WorkerLost as e:
-            self._lose(e, self._generation)
+        except ConnectionError as e:  # a worker is not there (yet): serve 503 and keep trying
+            self._lose(self._as_lost(e), self._generation)
             return
         with self._lock:
             self._install(engine)
@@ -124,14 +116,19 @@ class EngineHost:
             engine, generation = self._engine, self._generation
         try:
             return step(engine)
-        except WorkerLost as e:
-            lost = e
-        except OSError as e:
-            lost = WorkerLost(str(getattr(e, "address", "") or ""), str(e) or type(e).__name__)
-        self._lose(lost, generation)
-        raise lost
+        except OSError as e:  # the engine's WorkerLost, a ClusterError, a socket error
+            lost = self._as_lost(e)
+            self._lose(lost, generation)
+            if lost is e:
+                raise
+            raise lost from e
 
     # going down and coming back
+
+    def _as_lost(self, error: OSError) -> WorkerLost:
+        if isinstance(error, WorkerLost):
+            return error
+        return WorkerLost(_address(error, self._workers), str(error) or type(error).__name__)
 
     def _install(self, engine: Any) -> None:
         self._engine = engine
@@ -149,7 +146,7 @@ class EngineHost:
                 workers[lost.address] = False
             self._state = HostState(up=False, reason=str(lost), workers=workers, since=time.time())
             log.warning("%s; reconnecting", lost)
-            if self._reconnector is None or not self._reconnector.is_alive():
+            if self._reconnector is None:  # (a loop that has installed an engine has let go of it)
                 self._reconnector = threading.Thread(target=self._reconnect, name="dllama-reconnect", daemon=True)
                 self._reconnector.start()
         _close_quietly(engine)
@@ -166,22 +163,37 @@ class EngineHost:
                 with self._lock:
                     state = self._state
                     workers = dict(state.workers)
-                    if isinstance(e, WorkerLost) and e.address in workers:
-                        workers[e.address] = False
-                    self._state = HostState(up=False, reason=f"{first_reason} (reconnecting: {e})",
-                                            workers=workers, since=state.since, attempts=attempts)
-                log.info("reconnect attempt %d failed: %s; next in %.1f s", attempts, e, min(delay * 2, self._max_backoff))
+                    address = _address(e, self._workers)
+                    if address in workers:
+                        workers[address] = False
+                    latest = str(e) or type(e).__name__
+                    reason = first_reason if latest in first_reason else f"{first_reason}; now: {latest}"
+                    self._state = HostState(up=False, reason=reason, workers=workers, since=state.since,
+                                            attempts=attempts)
                 delay = min(delay * 2, self._max_backoff)
+                log.info("reconnect attempt %d failed: %s; next in %.1f s", attempts, e, delay)
                 continue
             with self._lock:
                 closing = self._closed.is_set()
                 if not closing:
                     self._install(engine)
+                    self._reconnector = None  # the next loss starts a new loop
             if closing:
                 _close_quietly(engine)
             else:
                 log.warning("the engine is back after %d attempt%s", attempts, "" if attempts == 1 else "s")
             return
+
+
+def _address(error: BaseException, workers: Sequence[str]) -> str:
+    """The HOST:PORT an engine error is about: its .address or .worker, else the first worker
+    its message names ("" when it names none)."""
+    for name in ("address", "worker"):
+        value = getattr(error, name, None)
+        if value:
+            return str(value)
+    message = str(error)
+    return next((w for w in workers if w in message), "")
 
 
 def _close_quietly(engine: Any) -> None:

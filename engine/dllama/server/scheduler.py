@@ -75,7 +75,8 @@ class Job:
     emit: Callable[[Any], None]  # thread-safe: hands an event to the request's handler
     reasoning: str | None = None  # None: plain text (completions); else the ReasoningSplitter mode
     state: str = QUEUED
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # stop at the next token
+    abort: ApiError | None = None  # why it was stopped, when someone is still listening
 
 
 class QueueFull(Exception):
@@ -131,18 +132,27 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def drain(self) -> None:
+        """Shutting down: refuse new jobs, fail the waiting ones, end the running one at its next
+        token with an error, so no client waits for a generation that will not finish."""
+        error = unavailable("The server is shutting down.")
         with self._cond:
             self._closed = True
             queued, self._queue = list(self._queue), deque()
             for job in queued:
                 job.state = CANCELLED
-            if self._running is not None:
-                self._running.cancelled.set()
+            running = self._running
+            if running is not None:
+                running.abort = error
+                running.cancelled.set()
             self._cond.notify_all()
         for job in queued:
-            job.emit(Failed(unavailable("the server is shutting down")))
-        self._thread.join(timeout=30)
+            job.emit(Failed(error))
+
+    def stop(self) -> None:
+        self.drain()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
         """Admit a job, or raise QueueFull (429) or EngineDown (503)."""
@@ -203,9 +213,12 @@ class Scheduler:
     def _serve(self, job: Job) -> None:
         try:
             self.host.run(lambda engine: self._generate(engine, job))
-        except (WorkerLost, EngineDown) as e:
+        except WorkerLost as e:
             self.cache.clear()
-            job.emit(Failed(unavailable(f"the engine is down: {e}")))
+            job.emit(Failed(unavailable(f"The cluster lost a worker ({e}); reconnecting, retry shortly.")))
+        except EngineDown as e:
+            self.cache.clear()
+            job.emit(Failed(unavailable(f"The engine is down ({e}); retry shortly.")))
         except Exception as e:  # noqa: BLE001 - one request's failure must not end the engine thread
             log.exception("generation failed")
             self.cache.clear()
@@ -218,19 +231,17 @@ class Scheduler:
         fresh = job.prompt_ids[cached:]
         job.emit(Started(cached))
         reply = ReplyText(self.tokenizer, sampling.stop, job.reasoning)
-        ended: list[str] = []  # why on_token ended the reply: "stop" or "cancelled"
+        cut_short = False  # the client left, or the server is shutting down
 
         def on_token(token: int) -> bool | None:
+            nonlocal cut_short
             if job.cancelled.is_set():
-                ended.append("cancelled")
+                cut_short = True
                 return True
             deltas, stopped = reply.push(token)
             for delta in deltas:
                 job.emit(delta)
-            if stopped:
-                ended.append("stop")
-                return True
-            return None
+            return stopped or None
 
         sampler = Sampler(temperature=sampling.temperature, topp=sampling.top_p, seed=sampling.seed)
         try:
@@ -242,9 +253,11 @@ class Scheduler:
         self.cache.record(engine, fresh + result.tokens)
         if self.metrics is not None:
             self.metrics.generation(prompt_tokens=len(job.prompt_ids), cached_tokens=cached, result=result)
-        if ended == ["cancelled"]:
+        if cut_short:
+            if job.abort is not None:
+                job.emit(Failed(job.abort))
             return
         for delta in reply.finish():
             job.emit(delta)
-        finish_reason = "stop" if ended == ["stop"] else result.finish_reason
+        finish_reason = "stop" if reply.stopped else result.finish_reason
         job.emit(Finished(finish_reason, Usage(len(job.prompt_ids), len(result.tokens), cached)))

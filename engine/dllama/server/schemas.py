@@ -51,6 +51,11 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise bad_request(f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    try:  # JSON may escape lone surrogates (\ud800) that no tokenizer can take
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("The request holds invalid Unicode: a lone surrogate escape (\\uD800-\\uDFFF).",
+                          code="invalid_unicode") from None
     return data
 
 
@@ -78,7 +83,8 @@ def chat_request(data: dict[str, Any], defaults: Sampling) -> ChatRequest:
     if kwargs is None:
         kwargs = {}
     if not isinstance(kwargs, dict):
-        raise bad_request("'chat_template_kwargs' must be an object.", param="chat_template_kwargs", code="invalid_type")
+        raise bad_request("'chat_template_kwargs' must be an object.", param="chat_template_kwargs",
+                          code="invalid_type")
     kwargs = dict(kwargs)
     enable_thinking = kwargs.pop("enable_thinking", None)
     if enable_thinking is not None and not isinstance(enable_thinking, bool):
