@@ -196,3 +196,13 @@ def test_a_worker_cache_makes_the_second_root_send_no_weights(models, tmp_path):
     finally:
         log = worker.stop()
     assert "damaged" in log
+
+
+def test_a_weighted_node_takes_a_bigger_share_and_the_logits_stay_the_same(models):
+    expected = single_node(models["qwen3"])
+    with Workers(1) as workers, Engine(models["qwen3"], nthreads=1, max_seq_len=64, buffer_float_type="f32",
+                                        workers=[workers.addresses[0] + "@3"], progress=False) as engine:
+        got = engine.forward(PROMPT)
+        assert engine.weights_sent > 0
+    err = float(np.max(np.abs(expected[0] - got))) / float(expected[0].max() - expected[0].min())
+    assert err <= 1e-4
