@@ -66,9 +66,9 @@ class Worker:
         with socket.create_server((self.host, 0)) as mesh_listener:
             send_json(conn, Frame.CONFIG_OK, {"cached": cached, "mesh_port": mesh_listener.getsockname()[1]})
             if not cached:
-                weights = self.receive_weights(conn, sizes, peer)
+                weights, digest = self.receive_weights(conn, sizes)
                 if self.cache:
-                    self.cache.store(session.cache_key, weights, self.last_digest)
+                    self.cache.store(session.cache_key, weights, digest)
             model = self.build(session, weights)
             mesh_fds, names = self.wire_mesh(conn, session, mesh_listener)
         send_frame(conn, Frame.READY)
@@ -81,7 +81,7 @@ class Worker:
         reason = model.serve(mesh, session.q80)
         log(f"session with root {peer} ended: {reason}")
 
-    def receive_weights(self, conn: socket.socket, sizes: list[int], peer: str) -> np.ndarray:
+    def receive_weights(self, conn: socket.socket, sizes: list[int]) -> tuple[np.ndarray, str]:
         """Tensor by tensor in manifest order, chunk by chunk; anything out of order is an error."""
         buffer = np.empty(sum(sizes), dtype=np.uint8)
         digest = hashlib.blake2b(digest_size=32)
@@ -104,11 +104,9 @@ class Worker:
             at += len(data)
         if at != len(buffer):
             raise ProtocolError(f"the root sent {at} of {len(buffer)} weight bytes")
-        claimed = decode_json(payload, Frame.WEIGHTS_DONE)
-        self.last_digest = digest.hexdigest()
-        if claimed.get("digest") != self.last_digest:
+        if decode_json(payload, Frame.WEIGHTS_DONE).get("digest") != digest.hexdigest():
             raise ProtocolError("the weights arrived damaged (digest mismatch)")
-        return buffer
+        return buffer, digest.hexdigest()
 
     def build(self, session: Session, weights) -> _core.Transformer:
         model = _core.Transformer(native_config(session.config), session.slice.native(), nthreads=self.nthreads,
