@@ -1,0 +1,26 @@
+"""engine role: the venv under /opt/dllama, installed from the wheelhouse."""
+
+from infra_hosts import hosts
+
+testinfra_hosts = hosts("cluster")
+
+
+def test_engine_venv_exists(host):
+    assert host.file("/opt/dllama/bin/python").exists
+
+
+def test_engine_is_importable_in_the_venv(host):
+    host.run_expect([0], "/opt/dllama/bin/python -c 'import dllama, dllama._core'")
+
+
+def test_dllama_command_reports_its_version(host):
+    assert host.check_output("/opt/dllama/bin/dllama --version").startswith("dllama")
+
+
+def test_dllama_api_command_is_installed(host):
+    assert host.file("/opt/dllama/bin/dllama-api").is_file
+
+
+def test_engine_build_fingerprint_is_recorded(host):
+    fingerprint = host.file("/opt/dllama/.dllama-build")
+    assert fingerprint.exists and "dllama_cluster-" in fingerprint.content_string

@@ -1,0 +1,48 @@
+"""network role: the cluster interface, its profile, /etc/hosts, jumbo frames end to end."""
+
+import pytest
+from infra_hosts import hosts
+
+testinfra_hosts = hosts("cluster")
+
+
+def test_cluster_interface_has_its_static_address(host, node):
+    addresses = host.interface(node["interface"]).addresses
+    assert node["address"] in addresses
+
+
+def test_cluster_interface_mtu_is_9000(host, node):
+    mtu = host.file(f"/sys/class/net/{node['interface']}/mtu").content_string.strip()
+    assert int(mtu) == node["mtu"] == 9000
+
+
+def test_cluster_profile_is_the_active_connection(host, node):
+    active = host.check_output(f"nmcli --get-values GENERAL.CONNECTION device show {node['interface']}")
+    assert active.strip() == "dllama-cluster"
+
+
+def test_cluster_profile_is_static_with_mtu_9000_and_autoconnect(host, node):
+    profile = host.check_output(
+        "nmcli --get-values ipv4.method,ipv4.addresses,802-3-ethernet.mtu,connection.autoconnect"
+        " connection show dllama-cluster").splitlines()
+    assert profile == ["manual", f"{node['address']}/{node['prefix']}", "9000", "yes"]
+
+
+def test_every_cluster_node_is_named_in_etc_hosts(host, cluster):
+    lines = {tuple(line.split()) for line in host.file("/etc/hosts").content_string.splitlines()}
+    for other in cluster.values():
+        assert (other["address"], other["name"]) in lines
+
+
+def test_jumbo_frames_reach_every_other_node(host, node, cluster):
+    for other in cluster.values():
+        if other["name"] != node["name"]:
+            host.run_expect([0], f"ping -c 2 -W 3 -M do -s 8972 {other['address']}")
+
+
+@pytest.mark.parametrize("size", [8972])
+def test_oversized_frames_are_not_fragmented_silently(host, node, cluster, size):
+    # one byte over the MTU must fail locally ("message too long"), proving DF is honoured
+    other = next(o for o in cluster.values() if o["name"] != node["name"])
+    result = host.run(f"ping -c 1 -W 2 -M do -s {size + 1} {other['address']}")
+    assert result.rc != 0

@@ -1,0 +1,210 @@
+"""The files the appliance writes on a node, rendered by Ansible's own templating from the example
+inventory (inventory/hosts.yml) and the roles' defaults, as `ansible-playbook site.yml` would."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ansible")
+
+from ansible.inventory.manager import InventoryManager  # noqa: E402
+from ansible.parsing.dataloader import DataLoader  # noqa: E402
+from ansible.template import Templar, trust_as_template  # noqa: E402
+from ansible.vars.hostvars import HostVars  # noqa: E402
+from ansible.vars.manager import VariableManager  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def trusted(value):
+    """Strings from the repository's own YAML may hold templates (Ansible trusts its own files)."""
+    if isinstance(value, str):
+        return trust_as_template(value)
+    if isinstance(value, dict):
+        return {k: trusted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [trusted(v) for v in value]
+    return value
+
+
+def role_file(role, kind):
+    path = ROOT / "roles" / role / kind / "main.yml"
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        return trusted(yaml.safe_load(f) or {})
+
+
+@pytest.fixture(scope="module")
+def inventory():
+    loader = DataLoader()
+    inv = InventoryManager(loader=loader, sources=[str(ROOT / "inventory" / "hosts.yml")])
+    return loader, inv, VariableManager(loader=loader, inventory=inv)
+
+
+def render(inventory, template, host, role, **extra):
+    """Role defaults < inventory < role vars < extra, like a play running `role` on `host`."""
+    loader, inv, variables = inventory
+    host_vars = variables.get_vars(host=inv.get_host(host))
+    context = {
+        **role_file(role, "defaults"),
+        **host_vars,
+        "hostvars": HostVars(inventory=inv, variable_manager=variables, loader=loader),
+        **role_file(role, "vars"),
+        "ansible_managed": "Ansible managed",
+        "ansible_facts": {"processor_nproc": 4},
+        **trusted(extra),
+    }
+    source = (ROOT / "templates" / template).read_text()
+    return Templar(loader=loader, variables=context).template(trust_as_template(source))
+
+
+def directives(unit):
+    """`Key=value` lines of a systemd unit, with backslash continuations joined."""
+    joined = unit.replace("\\\n", " ")
+    found = {}
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(" ".join(value.split()))
+    return found
+
+
+def one(unit, key):
+    values = directives(unit)[key]
+    assert len(values) == 1, f"{key} appears {len(values)} times"
+    return values[0]
+
+
+# -- the example inventory ---------------------------------------------------------------------
+
+def test_example_inventory_has_one_root_and_three_workers_under_cluster(inventory):
+    _, inv, _ = inventory
+    groups = inv.get_groups_dict()
+    assert groups["root"] == ["pi-root"]
+    assert sorted(groups["workers"]) == ["pi-worker1", "pi-worker3", "pi-worker4"]
+    assert sorted(groups["cluster"]) == sorted(groups["root"] + groups["workers"])
+
+
+def test_example_inventory_addresses_and_cluster_settings(inventory):
+    loader, inv, variables = inventory
+    hosts = {h: variables.get_vars(host=inv.get_host(h)) for h in ("pi-root", "pi-worker1", "pi-worker3", "pi-worker4")}
+    assert {h: v["ansible_host"] for h, v in hosts.items()} == {
+        "pi-root": "10.0.0.2", "pi-worker1": "10.0.0.1", "pi-worker3": "10.0.0.3", "pi-worker4": "10.0.0.4",
+    }
+    root = hosts["pi-root"]
+    assert root["dllama_interface"] == "eth0"
+    assert root["dllama_mtu"] == 9000
+    assert root["dllama_nthreads"] == 4
+    assert root["dllama_gateway"] and root["dllama_dns"]
+    assert root["dllama_model_path"].endswith(".m")
+    assert root["dllama_tokenizer_path"]
+
+
+# -- dllama-worker.service ---------------------------------------------------------------------
+
+def test_worker_unit_runs_dllama_worker_with_the_known_flags(inventory):
+    unit = render(inventory, "dllama-worker.service.j2", "pi-worker3", "worker")
+    assert one(unit, "ExecStart") == (
+        "/opt/dllama/bin/dllama worker --port 9999 --nthreads 4 --host 0.0.0.0"
+        " --cluster-key-file /etc/dllama/cluster.key --cache-dir /var/cache/dllama"
+    )
+
+
+def test_worker_unit_restarts_always_as_the_dedicated_user(inventory):
+    unit = render(inventory, "dllama-worker.service.j2", "pi-worker1", "worker")
+    assert one(unit, "Restart") == "always"
+    assert one(unit, "User") == "dllama"
+    assert one(unit, "Group") == "dllama"
+    assert one(unit, "StartLimitIntervalSec") == "0"
+    assert int(one(unit, "RestartSec")) <= 5
+    assert one(unit, "WantedBy") == "multi-user.target"
+
+
+def test_worker_unit_takes_threads_port_and_extra_flags_from_variables(inventory):
+    unit = render(inventory, "dllama-worker.service.j2", "pi-worker1", "worker",
+                  worker_nthreads=3, worker_port=9000, worker_host="", worker_extra_args=["--debug"],
+                  worker_cache_dir="/srv/slices")
+    assert one(unit, "ExecStart") == (
+        "/opt/dllama/bin/dllama worker --port 9000 --nthreads 3 --debug"
+        " --cluster-key-file /etc/dllama/cluster.key --cache-dir /srv/slices"
+    )
+
+
+# -- dllama-api.service ------------------------------------------------------------------------
+
+def test_api_unit_runs_dllama_api_against_every_worker(inventory):
+    unit = render(inventory, "dllama-api.service.j2", "pi-root", "api")
+    assert one(unit, "ExecStart") == (
+        "/opt/dllama/bin/dllama-api"
+        " --model /var/lib/dllama/models/qwen3_30b_a3b_q40.m"
+        " --tokenizer /var/lib/dllama/models/qwen3_30b_a3b_tokenizer"
+        " --buffer-float-type q80 --nthreads 4 --max-seq-len 4096"
+        " --workers 10.0.0.1:9999 10.0.0.3:9999 10.0.0.4:9999"
+        " --port 8080 --cluster-key-file /etc/dllama/cluster.key"
+    )
+
+
+def test_api_unit_restarts_always_as_the_dedicated_user(inventory):
+    unit = render(inventory, "dllama-api.service.j2", "pi-root", "api")
+    assert one(unit, "Restart") == "always"
+    assert one(unit, "User") == "dllama"
+    assert one(unit, "StartLimitIntervalSec") == "0"
+
+
+def test_api_unit_passes_the_client_key_file_only_when_a_key_is_set(inventory):
+    without = render(inventory, "dllama-api.service.j2", "pi-root", "api")
+    with_key = render(inventory, "dllama-api.service.j2", "pi-root", "api", api_key="s3cret")
+    assert "--api-key-file" not in one(without, "ExecStart")
+    assert "--api-key-file /etc/dllama/api.key" in one(with_key, "ExecStart")
+    assert "s3cret" not in with_key
+
+
+def test_api_unit_takes_explicit_workers_and_a_worker_cluster_address(inventory):
+    explicit = render(inventory, "dllama-api.service.j2", "pi-root", "api", api_workers=["a:1", "b:2"])
+    assert "--workers a:1 b:2 --port" in one(explicit, "ExecStart")
+
+
+def test_api_unit_without_workers_runs_the_root_alone(inventory):
+    unit = render(inventory, "dllama-api.service.j2", "pi-root", "api", api_workers_group="nonexistent")
+    assert "--workers" not in one(unit, "ExecStart")
+
+
+# -- tuning ------------------------------------------------------------------------------------
+
+def test_governor_unit_sets_performance_on_every_cpu_at_boot(inventory):
+    unit = render(inventory, "dllama-cpu-governor.service.j2", "pi-worker1", "tuning")
+    assert one(unit, "Type") == "oneshot"
+    assert one(unit, "RemainAfterExit") == "yes"
+    assert one(unit, "ConditionPathExists") == "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"
+    assert "echo performance > \"$governor\"" in one(unit, "ExecStart")
+    assert "/sys/devices/system/cpu/cpu*/cpufreq/scaling_governor" in one(unit, "ExecStart")
+    assert one(unit, "WantedBy") == "multi-user.target"
+
+
+def test_raspberry_pi_os_governor_file_names_performance(inventory):
+    text = render(inventory, "cpu_governor.j2", "pi-worker1", "tuning")
+    assert one(text, "CPU_DEFAULT_GOVERNOR") == "performance"
+
+
+def test_tuning_sysctls_are_the_issue_values():
+    defaults = role_file("tuning", "defaults")
+    assert defaults["tuning_sysctl_file"].startswith("/etc/sysctl.d/")
+    assert {k: str(v) for k, v in defaults["tuning_sysctls"].items()} == {
+        "net.core.rmem_max": "16777216",
+        "net.core.wmem_max": "16777216",
+        "net.ipv4.tcp_rmem": "4096 87380 16777216",
+        "net.ipv4.tcp_wmem": "4096 87380 16777216",
+    }
+
+
+# -- network -----------------------------------------------------------------------------------
+
+def test_mtu_udev_rule_sets_jumbo_frames_on_the_cluster_interface(inventory):
+    rule = render(inventory, "70-dllama-mtu.rules.j2", "pi-worker1", "network")
+    line = [l for l in rule.splitlines() if l and not l.startswith("#")]
+    assert line == [
+        'ACTION=="add", SUBSYSTEM=="net", KERNEL=="eth0", RUN+="/sbin/ip link set dev eth0 mtu 9000"'
+    ]
