@@ -12,6 +12,8 @@
 namespace dllama {
 namespace {
 
+#include "tiling.h"
+
 float fp16_to_fp32_f16c(uint16_t h) { return _cvtsh_ss(h); }
 uint16_t fp32_to_fp16_f16c(float f) { return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)); }
 
@@ -191,19 +193,11 @@ void dot_tile_q40_q80(int nb, const BlockQ40* const* w, const BlockQ80* const* x
         for (int b = 0; b < B; b++) y[size_t(b) * y_stride + r] = hsum_f32x8(acc[r][b]);
 }
 
-using TileQ40Fn = void (*)(int, const BlockQ40* const*, const BlockQ80* const*, float*, size_t);
-
-constexpr int kMaxTileR = 4;
-constexpr int kMaxTileB = 4;
-
-template <int R, int B>
-constexpr TileQ40Fn tile_q40_entry() { return &dot_tile_q40_q80<R, B>; }
-
-const TileQ40Fn kTilesQ40[kMaxTileR][kMaxTileB] = {
-    {tile_q40_entry<1, 1>(), tile_q40_entry<1, 2>(), tile_q40_entry<1, 3>(), tile_q40_entry<1, 4>()},
-    {tile_q40_entry<2, 1>(), tile_q40_entry<2, 2>(), tile_q40_entry<2, 3>(), tile_q40_entry<2, 4>()},
-    {tile_q40_entry<3, 1>(), tile_q40_entry<3, 2>(), tile_q40_entry<3, 3>(), tile_q40_entry<3, 4>()},
-    {tile_q40_entry<4, 1>(), tile_q40_entry<4, 2>(), tile_q40_entry<4, 3>(), tile_q40_entry<4, 4>()},
+struct TileQ40 {
+    template <int R, int B>
+    static void run(int nb, const BlockQ40* const* w, const BlockQ80* const* x, float* y, size_t y_stride) {
+        dot_tile_q40_q80<R, B>(nb, w, x, y, y_stride);
+    }
 };
 
 float vec_dot_q40_q80_avx2(int n, const BlockQ40* w, const BlockQ80* x) {
@@ -212,24 +206,10 @@ float vec_dot_q40_q80_avx2(int n, const BlockQ40* w, const BlockQ80* x) {
     return y;
 }
 
-// Rows outer, so every weight row is read from memory once whatever the batch: a tile of
-// tile_r rows stays in L1 while it meets the batch tile_b activation rows at a time.
 void matmul_q40_q80_avx2(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
                          const BlockQ80* x, size_t x_stride_blocks, int n, int r0, int r1, int batch) {
-    const int nb = n / kBlockSize;
-    const int tile_r = 4, tile_b = 4;  // 4 x 4 measured best for batch > 1 on Zen 3
-    for (int r = r0; r < r1; r += tile_r) {
-        const int nr = r1 - r < tile_r ? r1 - r : tile_r;
-        const BlockQ40* wr[kMaxTileR];
-        for (int k = 0; k < nr; k++)
-            wr[k] = reinterpret_cast<const BlockQ40*>(w + size_t(r + k) * w_stride);
-        for (int b = 0; b < batch; b += tile_b) {
-            const int nbt = batch - b < tile_b ? batch - b : tile_b;
-            const BlockQ80* xb[kMaxTileB];
-            for (int k = 0; k < nbt; k++) xb[k] = x + size_t(b + k) * x_stride_blocks;
-            kTilesQ40[nr - 1][nbt - 1](nb, wr, xb, y + size_t(b) * y_stride + r, y_stride);
-        }
-    }
+    matmul_tiled<TileQ40, BlockQ40, BlockQ80>(4, y, y_stride, w, w_stride, x, x_stride_blocks, n / kBlockSize, r0, r1,
+                                              batch);
 }
 
 // f32: R rows x B activation rows, 8 lanes, then the scalar tail.
@@ -255,16 +235,11 @@ void dot_tile_f32(int n, const float* const* w, const float* const* x, float* y,
         }
 }
 
-using TileF32Fn = void (*)(int, const float* const*, const float* const*, float*, size_t);
-
-template <int R, int B>
-constexpr TileF32Fn tile_f32_entry() { return &dot_tile_f32<R, B>; }
-
-const TileF32Fn kTilesF32[kMaxTileR][kMaxTileB] = {
-    {tile_f32_entry<1, 1>(), tile_f32_entry<1, 2>(), tile_f32_entry<1, 3>(), tile_f32_entry<1, 4>()},
-    {tile_f32_entry<2, 1>(), tile_f32_entry<2, 2>(), tile_f32_entry<2, 3>(), tile_f32_entry<2, 4>()},
-    {tile_f32_entry<3, 1>(), tile_f32_entry<3, 2>(), tile_f32_entry<3, 3>(), tile_f32_entry<3, 4>()},
-    {tile_f32_entry<4, 1>(), tile_f32_entry<4, 2>(), tile_f32_entry<4, 3>(), tile_f32_entry<4, 4>()},
+struct TileF32 {
+    template <int R, int B>
+    static void run(int n, const float* const* w, const float* const* x, float* y, size_t y_stride) {
+        dot_tile_f32<R, B>(n, w, x, y, y_stride);
+    }
 };
 
 // one row: four accumulators, 32 values a step, then 8, then the scalar tail
@@ -302,19 +277,7 @@ void matmul_f32_avx2(float* y, size_t y_stride, const uint8_t* w, size_t w_strid
         y[r0] = vec_dot_f32_avx2(n, reinterpret_cast<const float*>(w + size_t(r0) * w_stride), x);
         return;
     }
-    const int tile_r = batch == 1 ? 4 : 2;
-    const int tile_b = 4;
-    for (int r = r0; r < r1; r += tile_r) {
-        const int nr = r1 - r < tile_r ? r1 - r : tile_r;
-        const float* wr[kMaxTileR];
-        for (int k = 0; k < nr; k++) wr[k] = reinterpret_cast<const float*>(w + size_t(r + k) * w_stride);
-        for (int b = 0; b < batch; b += tile_b) {
-            const int nbt = batch - b < tile_b ? batch - b : tile_b;
-            const float* xb[kMaxTileB];
-            for (int k = 0; k < nbt; k++) xb[k] = x + size_t(b + k) * x_stride;
-            kTilesF32[nr - 1][nbt - 1](n, wr, xb, y + size_t(b) * y_stride + r, y_stride);
-        }
-    }
+    matmul_tiled<TileF32, float, float>(batch == 1 ? 4 : 2, y, y_stride, w, w_stride, x, x_stride, n, r0, r1, batch);
 }
 
 const Kernels kAvx2 = {
