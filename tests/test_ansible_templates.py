@@ -1,6 +1,10 @@
 """The files the appliance writes on a node, rendered by Ansible's own templating from the example
 inventory (inventory/hosts.yml) and the roles' defaults, as `ansible-playbook site.yml` would."""
 
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,56 +12,30 @@ import yaml
 
 pytest.importorskip("ansible")
 
-from ansible.inventory.manager import InventoryManager  # noqa: E402
-from ansible.parsing.dataloader import DataLoader  # noqa: E402
-from ansible.template import Templar, trust_as_template  # noqa: E402
-from ansible.vars.hostvars import HostVars  # noqa: E402
-from ansible.vars.manager import VariableManager  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def trusted(value):
-    """Strings from the repository's own YAML may hold templates (Ansible trusts its own files)."""
-    if isinstance(value, str):
-        return trust_as_template(value)
-    if isinstance(value, dict):
-        return {k: trusted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [trusted(v) for v in value]
-    return value
-
-
-def role_file(role, kind):
-    path = ROOT / "roles" / role / kind / "main.yml"
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        return trusted(yaml.safe_load(f) or {})
+# Ansible patches interpreter internals when imported (sys.intern among them), which breaks
+# torch in the same process: the rendering runs in a child process of its own.
+RENDER = Path(__file__).with_name("ansible_render.py")
 
 
 @pytest.fixture(scope="module")
 def inventory():
-    loader = DataLoader()
-    inv = InventoryManager(loader=loader, sources=[str(ROOT / "inventory" / "hosts.yml")])
-    return loader, inv, VariableManager(loader=loader, inventory=inv)
+    return str(ROOT / "inventory" / "hosts.yml")
+
+
+@functools.lru_cache(maxsize=None)
+def _render(inventory_path, template, host, role, extra_json):
+    request = {"inventory": inventory_path, "template": template, "host": host, "role": role,
+               "extra": json.loads(extra_json)}
+    run = subprocess.run([sys.executable, str(RENDER)], input=json.dumps(request), capture_output=True, text=True,
+                         check=False, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
 
 
 def render(inventory, template, host, role, **extra):
     """Role defaults < inventory < role vars < extra, like a play running `role` on `host`."""
-    loader, inv, variables = inventory
-    host_vars = variables.get_vars(host=inv.get_host(host))
-    context = {
-        **role_file(role, "defaults"),
-        **host_vars,
-        "hostvars": HostVars(inventory=inv, variable_manager=variables, loader=loader),
-        **role_file(role, "vars"),
-        "ansible_managed": "Ansible managed",
-        "ansible_facts": {"processor_nproc": 4},
-        **trusted(extra),
-    }
-    source = (ROOT / "templates" / template).read_text()
-    return Templar(loader=loader, variables=context).template(trust_as_template(source))
+    return _render(inventory, template, host, role, json.dumps(extra, sort_keys=True))
 
 
 def directives(unit):
@@ -80,17 +58,23 @@ def one(unit, key):
 
 # -- the example inventory ---------------------------------------------------------------------
 
-def test_example_inventory_has_one_root_and_three_workers_under_cluster(inventory):
-    _, inv, _ = inventory
-    groups = inv.get_groups_dict()
+@pytest.fixture(scope="module")
+def facts(inventory):
+    run = subprocess.run([sys.executable, str(RENDER)], input=json.dumps({"inventory": inventory, "mode": "inventory"}),
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def test_example_inventory_has_one_root_and_three_workers_under_cluster(facts):
+    groups = facts["groups"]
     assert groups["root"] == ["pi-root"]
     assert sorted(groups["workers"]) == ["pi-worker1", "pi-worker3", "pi-worker4"]
     assert sorted(groups["cluster"]) == sorted(groups["root"] + groups["workers"])
 
 
-def test_example_inventory_addresses_and_cluster_settings(inventory):
-    loader, inv, variables = inventory
-    hosts = {h: variables.get_vars(host=inv.get_host(h)) for h in ("pi-root", "pi-worker1", "pi-worker3", "pi-worker4")}
+def test_example_inventory_addresses_and_cluster_settings(facts):
+    hosts = {h: facts["hosts"][h] for h in ("pi-root", "pi-worker1", "pi-worker3", "pi-worker4")}
     assert {h: v["ansible_host"] for h, v in hosts.items()} == {
         "pi-root": "10.0.0.2", "pi-worker1": "10.0.0.1", "pi-worker3": "10.0.0.3", "pi-worker4": "10.0.0.4",
     }
@@ -190,7 +174,7 @@ def test_raspberry_pi_os_governor_file_names_performance(inventory):
 
 
 def test_tuning_sysctls_are_the_issue_values():
-    defaults = role_file("tuning", "defaults")
+    defaults = yaml.safe_load((ROOT / "roles" / "tuning" / "defaults" / "main.yml").read_text())
     assert defaults["tuning_sysctl_file"].startswith("/etc/sysctl.d/")
     assert {k: str(v) for k, v in defaults["tuning_sysctls"].items()} == {
         "net.core.rmem_max": "16777216",

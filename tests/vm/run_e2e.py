@@ -1,0 +1,336 @@
+"""The appliance end to end on real VMs: `make e2e`.
+
+    python tests/vm/run_e2e.py [--cold] [--keep] [--kvm]
+
+Boots three Debian bookworm VMs (a root and two workers) on a bridge inside the network namespace
+`dllama-e2e`, provisions them with `ansible-playbook site.yml`, then checks them:
+
+  1. testinfra over the written inventory (tests/infra, one fact per test)
+  2. a second site.yml run reports changed=0 on every host
+  3. ansible/health.yml passes and says "not a Raspberry Pi"
+  4. a real inference through dllama-api crosses all three VMs; a killed worker is back within
+     15 s and the API recovers (tests/infra/test_infra_recovery.py)
+
+The VMs and everything that talks to them live inside the namespace; teardown (qemu killed,
+namespace deleted) happens always. The base image and a snapshot of the booted VMs are cached in
+${DLLAMA_VM_CACHE:-~/.cache/dllama-vm}; logs and the inventory go to out/e2e/run/. Each phase
+prints its time. Needs root (network namespaces, taps, debootstrap).
+
+  --cold   ignore the booted snapshot (boot the VMs from scratch and save a new one)
+  --keep   leave the VMs running afterwards (for debugging; `--down` removes them)
+  --kvm    use KVM (real hardware virtualisation; untested on these machines)
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+from cluster import NETNS, VMS, Cluster, netns_exec  # noqa: E402
+
+CACHE = Path(os.environ.get("DLLAMA_VM_CACHE", Path.home() / ".cache" / "dllama-vm"))
+OUT = REPO / "out" / "e2e"
+RUN = OUT / "run"
+MODEL = OUT / "model"
+VENV_BIN = Path(sys.executable).parent
+SYSTEM_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils",
+                "debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs", "ssh": "openssh-client",
+                "ip": "iproute2"}
+COLD_BUDGET_S, WARM_BUDGET_S = 25 * 60, 10 * 60
+
+PHASES: list[tuple[str, float, str]] = []
+
+
+def say(text: str = ""):
+    print(f"[e2e] {text}" if text else "", flush=True)
+
+
+@contextmanager
+def phase(name: str):
+    say(f"--- {name}")
+    start = time.monotonic()
+    status = "failed"
+    try:
+        yield
+        status = "ok"
+    finally:
+        took = time.monotonic() - start
+        PHASES.append((name, took, status))
+        say(f"    {name}: {took:.1f} s ({status})")
+
+
+class Failed(Exception):
+    pass
+
+
+def run_logged(argv, log: Path, env=None, cwd=REPO, tail: int = 60) -> tuple[int, str]:
+    """Run argv with its output in `log`; returns (rc, output) and shows the tail on failure."""
+    with open(log, "w") as f:
+        rc = subprocess.run([str(a) for a in argv], stdout=f, stderr=subprocess.STDOUT, env=env,
+                            cwd=cwd, stdin=subprocess.DEVNULL).returncode
+    output = log.read_text(errors="replace")
+    if rc != 0:
+        lines = output.splitlines()
+        say(f"    rc {rc}; last {min(tail, len(lines))} lines of {log}:")
+        for line in lines[-tail:]:
+            print(f"      {line}")
+    return rc, output
+
+
+def system_tools():
+    missing = sorted({pkg for tool, pkg in SYSTEM_TOOLS.items() if not shutil.which(tool)})
+    if missing:
+        say(f"    apt-get install {' '.join(missing)}")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+    if not Path("/dev/net/tun").exists():
+        raise Failed("no /dev/net/tun: the VMs' taps need it")
+
+
+def build_image() -> Path:
+    proc = subprocess.run(["bash", str(HERE / "image.sh")], stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, DLLAMA_VM_CACHE=str(CACHE)))
+    if proc.returncode != 0:
+        raise Failed("building the image failed (see above)")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def wheelhouse_and_model() -> None:
+    """On the host: the wheelhouse the engine role installs from, and a tiny dense model."""
+    rc, _ = run_logged(["make", "wheelhouse"], RUN / "wheelhouse.log")
+    if rc != 0:
+        raise Failed("make wheelhouse failed")
+    model = MODEL / "tiny-qwen3-f32.m"
+    if not model.is_file():
+        hf = MODEL / "hf"
+        shutil.rmtree(MODEL, ignore_errors=True)
+        MODEL.mkdir(parents=True)
+        rc, _ = run_logged([sys.executable, "-m", "dllama.testing.checkpoint", hf, "--preset", "tiny",
+                            "--arch", "qwen3", "--seed", "1"], RUN / "model.log")
+        if rc == 0:
+            rc, _ = run_logged([VENV_BIN / "dllama", "convert", hf, "-o", f"{model}.part",
+                                "--weights", "f32"], RUN / "convert.log")
+        if rc != 0:
+            raise Failed("making the tiny model failed")
+        os.replace(f"{model}.part", model)
+
+
+def write_inventory(cluster: Cluster, control_dir: Path) -> Path:
+    root, *workers = VMS
+    ssh_args = ("-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
+                f"-o ControlPath={control_dir}/%C")
+
+    def host(vm):
+        return f"        {vm.name}:\n          ansible_host: {vm.address}\n"
+
+    text = (
+        "# Written by tests/vm/run_e2e.py: the e2e VMs inside the network namespace "
+        f"{NETNS}.\n"
+        "cluster:\n  children:\n"
+        "    root:\n      hosts:\n" + host(root) +
+        "    workers:\n      hosts:\n" + "".join(host(vm) for vm in workers) +
+        "  vars:\n"
+        "    ansible_user: root\n"
+        f"    ansible_ssh_private_key_file: {cluster.key}\n"
+        f"    ansible_ssh_common_args: {ssh_args}\n"
+        "    ansible_python_interpreter: /usr/bin/python3\n"
+        "    dllama_prefix: 24\n"
+        "    dllama_interface: eth0\n"
+        '    dllama_gateway: ""\n'
+        "    dllama_dns: []\n"
+        "    dllama_mtu: 9000\n"
+        "    dllama_nthreads: 1\n"
+        "    dllama_model_path: /var/lib/dllama/models/tiny-qwen3-f32.m\n"
+        "    dllama_tokenizer_path: /var/lib/dllama/models/tiny-qwen3-tokenizer\n"
+        f"    dllama_model_src: {MODEL / 'tiny-qwen3-f32.m'}\n"
+        f"    dllama_tokenizer_src: {MODEL / 'hf'}\n"
+    )
+    inventory = RUN / "inventory" / "hosts.yml"
+    inventory.parent.mkdir(parents=True, exist_ok=True)
+    inventory.write_text(text)
+    return inventory
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP lines -> host -> {ok, changed, unreachable, failed, ...}."""
+    hosts = {}
+    for line in output.split("PLAY RECAP", 1)[-1].splitlines():
+        m = re.match(r"^(\S+)\s*:\s*(ok=.*)$", line.strip())
+        if m:
+            hosts[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+    return hosts
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cold", action="store_true", help="ignore the booted snapshot")
+    parser.add_argument("--keep", action="store_true", help="leave the VMs running afterwards")
+    parser.add_argument("--down", action="store_true", help="only remove VMs left by --keep")
+    parser.add_argument("--kvm", action="store_true", help="KVM instead of software emulation")
+    args = parser.parse_args()
+
+    if os.geteuid() != 0:
+        say("needs root (network namespaces, taps, debootstrap)")
+        return 2
+    CACHE.mkdir(parents=True, exist_ok=True)
+    lock = open(CACHE / "e2e.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say(f"another e2e run holds {CACHE / 'e2e.lock'}")
+        return 2
+    if args.down:
+        subprocess.run(["ip", "netns", "pids", NETNS], check=False)
+        Cluster.__new__(Cluster).netns_down()
+        return 0
+
+    # SIGTERM (a killed make) unwinds like Ctrl-C, so the teardown still runs.
+    signal.signal(signal.SIGTERM, _interrupt)
+    shutil.rmtree(RUN, ignore_errors=True)
+    RUN.mkdir(parents=True)
+    control_dir = Path(f"/tmp/dllama-e2e-cp-{os.getpid()}")
+    control_dir.mkdir(mode=0o700, exist_ok=True)
+    env = dict(os.environ,
+               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               ANSIBLE_SSH_CONTROL_PATH_DIR=str(control_dir),
+               ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1",
+               ANSIBLE_LOCAL_TEMP=str(RUN / "ansible-tmp"),
+               PYTHONUNBUFFERED="1")
+
+    total_start = time.monotonic()
+    cluster = None
+    how = "?"
+    passed = False
+    try:
+        with phase("system tools (qemu, debootstrap)"):
+            system_tools()
+        with phase("image (cached)"):
+            image = build_image()
+            say(f"    {image}")
+        cluster = Cluster(image, RUN, CACHE, kvm=args.kvm, log=say)
+        cold = args.cold or not (cluster.snapshot_dir / "ok").is_file()
+        # The wheelhouse and the model are built on the host while the VMs boot.
+        host_side: dict[str, object] = {}
+
+        def host_work():
+            start = time.monotonic()
+            try:
+                wheelhouse_and_model()
+                host_side["ok"] = True
+            except Exception as e:  # noqa: BLE001 - reported below
+                host_side["error"] = e
+            host_side["took"] = time.monotonic() - start
+
+        worker = threading.Thread(target=host_work, daemon=True)
+        worker.start()
+        with phase("VMs: " + ("cold boot + snapshot" if cold else "resume snapshot")):
+            how = cluster.up(cold=args.cold)
+            say(f"    {how}: " + ", ".join(f"{vm.name} {vm.address}" for vm in VMS))
+        with phase("make wheelhouse + tiny model (on the host, during the boot)"):
+            worker.join()
+            say(f"    took {host_side.get('took', 0):.1f} s in all")
+            if "error" in host_side:
+                raise host_side["error"]  # type: ignore[misc]
+        inventory = write_inventory(cluster, control_dir)
+        env["DLLAMA_INFRA_INVENTORY"] = str(inventory)
+        playbook = [VENV_BIN / "ansible-playbook", "-i", inventory]
+
+        with phase("site.yml, first run"):
+            rc, out = run_logged(netns_exec(playbook + ["site.yml"]), RUN / "site-1.log", env=env)
+            if rc != 0:
+                raise Failed("site.yml failed")
+            say("    " + ", ".join(f"{h}: changed={r.get('changed')}" for h, r in recap(out).items()))
+
+        pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
+        with phase("testinfra: facts on every node"):
+            rc, out = run_logged(netns_exec(pytest + ["tests/infra", "--ignore",
+                                                      "tests/infra/test_infra_recovery.py"]),
+                                 RUN / "testinfra.log", env=env)
+            say("    " + (out.strip().splitlines() or ["?"])[-1])
+            if rc != 0:
+                raise Failed("testinfra failed")
+
+        with phase("site.yml, second run: changed=0 everywhere"):
+            rc, out = run_logged(netns_exec(playbook + ["site.yml"]), RUN / "site-2.log", env=env)
+            hosts = recap(out)
+            say("    " + ", ".join(f"{h}: changed={r.get('changed')}" for h, r in hosts.items()))
+            if rc != 0:
+                raise Failed("the second site.yml run failed")
+            changed = {h: r for h, r in hosts.items() if r.get("changed", 1) != 0}
+            if len(hosts) != len(VMS) or changed:
+                tasks = re.findall(r"^changed: \[[^\]]+\].*$|^TASK \[.*$", out, re.M)
+                shown = [t for i, t in enumerate(tasks)
+                         if t.startswith("changed") or (i + 1 < len(tasks) and tasks[i + 1].startswith("changed"))]
+                for line in shown:
+                    print(f"      {line}")
+                raise Failed(f"the second run changed something: {changed or hosts}")
+
+        with phase("ansible/health.yml"):
+            rc, out = run_logged(netns_exec(playbook + ["ansible/health.yml"]), RUN / "health.log", env=env)
+            table = out.split("Print the cluster table", 1)[-1].split("TASK [", 1)[0]
+            for line in table.splitlines()[1:]:
+                if line.strip():
+                    print(f"      {line}")
+            if rc != 0:
+                raise Failed("ansible/health.yml failed")
+            if "not a Raspberry Pi" not in out:
+                raise Failed('ansible/health.yml did not say "not a Raspberry Pi"')
+
+        with phase("inference across the VMs, worker killed and back, API recovers"):
+            rc, out = run_logged(netns_exec(pytest + ["-v", "tests/infra/test_infra_recovery.py"]),
+                                 RUN / "recovery.log", env=env)
+            for line in out.splitlines():
+                if "::" in line and ("PASSED" in line or "FAILED" in line or "SKIPPED" in line):
+                    print(f"      {line.strip()}")
+            if rc != 0:
+                raise Failed("the recovery checks failed")
+        passed = True
+    except Failed as e:
+        say(f"FAILED: {e}")
+    except KeyboardInterrupt:
+        say("interrupted")
+    finally:
+        if cluster is not None and not args.keep:
+            with phase("teardown"):
+                cluster.down()
+        elif cluster is not None:
+            say(f"VMs left running in netns {NETNS} (--keep); `{sys.argv[0]} --down` removes them")
+        shutil.rmtree(control_dir, ignore_errors=True)
+
+    total = time.monotonic() - total_start
+    budget = WARM_BUDGET_S if how == "resumed" else COLD_BUDGET_S
+    say()
+    say(f"{'phase':<66} {'time':>8}")
+    for name, took, status in PHASES:
+        say(f"{name:<66} {took:>7.1f}s{'' if status == 'ok' else '  ' + status}")
+    say(f"{'total (' + ('warm' if how == 'resumed' else 'cold') + f', budget {budget // 60} min)':<66} {total:>7.1f}s")
+    say(f"logs: {RUN}")
+    if passed and total > budget:
+        say(f"over budget: {total:.0f} s > {budget} s")
+        passed = False
+    say("PASSED" if passed else "FAILED")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
