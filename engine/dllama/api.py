@@ -112,8 +112,9 @@ def serve(args: argparse.Namespace) -> int:
         options: dict[str, Any] = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
         if getattr(args, "cluster_key_file", None) is not None:
             options["cluster_key_file"] = args.cluster_key_file
+        # a bar per reconnect is noise in journald; on a terminal it shows the transfer
         return Engine(str(model), nthreads=args.nthreads, buffer_float_type=args.buffer_float_type,
-                      workers=list(args.workers), **options)
+                      workers=list(args.workers), progress=sys.stderr.isatty(), **options)
 
     host = EngineHost(create_engine, workers=[w.partition("@")[0] for w in args.workers])  # HOST:PORT[@weight]
     host.start()
