@@ -40,6 +40,8 @@ class Worker:
                     self.session(conn, peer)
                 except (ProtocolError, ValueError, OSError) as e:
                     log(f"root {peer}: {e}; connection closed")
+                except Exception as e:  # noqa: BLE001 - whatever one root caused, the next is served
+                    log(f"root {peer}: unexpected {type(e).__name__}: {e}; connection closed")
                 finally:
                     conn.close()
 
