@@ -19,6 +19,9 @@ from .session import Session
 from .slices import TensorSlice, node_tensors, slice_bytes
 
 CONNECT_TIMEOUT = 10.0
+# A worker answers CONFIG after checking its slice cache's digest and READY after building its
+# model: seconds per GB on a board, so those two waits get longer than the others.
+PREPARE_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def connect_workers(model: ModelFile, slices: list[NodeSlice], workers: list[Wor
                               [(t.name, int(t.type), t.rows, t.cols) for t in tensors])
             sock = _dial(address, timeout)
             socks.append(sock)
-            reply = _introduce(sock, address, key, session)
+            reply = _introduce(sock, address, key, session, timeout)
             sessions.append((address, sock, reply))
             if not reply["cached"]:
                 pending.append((address, sock, tensors))
@@ -76,6 +79,7 @@ def connect_workers(model: ModelFile, slices: list[NodeSlice], workers: list[Wor
         for address, sock, _ in sessions:
             _guard(address, send_json, sock, Frame.MESH, {"session": session_id, "peers": peers})
         for address, sock, _ in sessions:
+            sock.settimeout(PREPARE_TIMEOUT)
             _guard(address, recv_frame, sock, Frame.READY)
     except BaseException:
         for s in socks:
@@ -104,7 +108,7 @@ def _dial(address: WorkerAddress, timeout: float) -> socket.socket:
     return sock
 
 
-def _introduce(sock: socket.socket, address: WorkerAddress, key: bytes, session: Session) -> dict:
+def _introduce(sock: socket.socket, address: WorkerAddress, key: bytes, session: Session, timeout: float) -> dict:
     root_nonce = auth.nonce()
     _guard(address, send_json, sock, Frame.HELLO, {"nonce": root_nonce})
     worker_nonce = _guard(address, recv_json, sock, Frame.CHALLENGE).get("nonce")
@@ -115,7 +119,9 @@ def _introduce(sock: socket.socket, address: WorkerAddress, key: bytes, session:
     if not auth.check(key, reply.get("proof"), "worker", worker_nonce, root_nonce):
         raise ClusterError(str(address), "the worker does not hold this root's cluster key")
     _guard(address, send_json, sock, Frame.CONFIG, session.to_json())
+    sock.settimeout(PREPARE_TIMEOUT)
     reply = _guard(address, recv_json, sock, Frame.CONFIG_OK)
+    sock.settimeout(timeout)
     if not isinstance(reply.get("cached"), bool) or not isinstance(reply.get("mesh_port"), int):
         raise ClusterError(str(address), "malformed CONFIG_OK")
     return reply

@@ -18,6 +18,9 @@ from .protocol import WEIGHT_HEADER, Frame, ProtocolError, decode_json, recv_fra
 from .session import Session
 
 HANDSHAKE_TIMEOUT = 10.0
+# Waits that depend on the other workers (the root streams their weights first) may last as
+# long as a multi-GB transfer; a root that vanished meanwhile is noticed by TCP keepalive.
+BETWEEN_PHASES_TIMEOUT = 3600.0
 
 
 def log(message: str) -> None:
@@ -47,6 +50,7 @@ class Worker:
 
     def session(self, conn: socket.socket, peer: str) -> None:
         conn.settimeout(self.timeout)
+        keepalive(conn)
         hello = recv_json(conn, Frame.HELLO)
         root_nonce = hello.get("nonce")
         if not isinstance(root_nonce, str) or len(root_nonce) != 2 * auth.NONCE_BYTES:
@@ -67,6 +71,7 @@ class Worker:
         cached = weights is not None
         with socket.create_server((self.host, 0)) as mesh_listener:
             send_json(conn, Frame.CONFIG_OK, {"cached": cached, "mesh_port": mesh_listener.getsockname()[1]})
+            conn.settimeout(BETWEEN_PHASES_TIMEOUT)
             if not cached:
                 weights, digest = self.receive_weights(conn, sizes)
                 if self.cache:
@@ -162,6 +167,14 @@ class Worker:
                 s.close()
             raise
         return [s.detach() if isinstance(s, socket.socket) else s for s in fds], names
+
+
+def keepalive(sock: socket.socket) -> None:
+    """A peer that vanishes without a FIN is noticed within about 20 s."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def run(args) -> int:
