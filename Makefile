@@ -82,5 +82,12 @@ wheelhouse: deps
 lint: deps
 	$(VENV)/bin/ansible-lint --offline --profile production site.yml ansible/health.yml ansible/requirements.yml roles
 
+# The appliance end to end: three Debian VMs (software emulation; `E2E_ARGS=--kvm` on KVM hosts)
+# in a network namespace, provisioned by site.yml and checked by tests/infra. Needs root. The
+# base image and a booted snapshot are cached in ${DLLAMA_VM_CACHE:-~/.cache/dllama-vm}.
+E2E_ARGS ?=
+e2e: install
+	$(PY) tests/vm/run_e2e.py $(E2E_ARGS)
+
 clean:
 	rm -rf build $(OUT) $(VENV)

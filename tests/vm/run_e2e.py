@@ -19,6 +19,7 @@ prints its time. Needs root (network namespaces, taps, debootstrap).
   --cold   ignore the booted snapshot (boot the VMs from scratch and save a new one)
   --keep   leave the VMs running afterwards (for debugging; `--down` removes them)
   --kvm    use KVM (real hardware virtualisation; untested on these machines)
+  --ignore-budget   pass on the checks alone (the time budgets fail on 2-core TCG machines)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ SYSTEM_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils
                 "debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs", "ssh": "openssh-client",
                 "ip": "iproute2"}
 COLD_BUDGET_S, WARM_BUDGET_S = 25 * 60, 10 * 60
+API_START_TIMEOUT_S = 300
 
 PHASES: list[tuple[str, float, str]] = []
 
@@ -167,6 +169,25 @@ def write_inventory(cluster: Cluster, control_dir: Path) -> Path:
     return inventory
 
 
+def wait_for_api(cluster: Cluster, timeout: float) -> float:
+    """Seconds until dllama-api on the root answers /health (started by site.yml, it first loads
+    the model and connects to every worker)."""
+    probe = ("import urllib.request; "
+             "urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=10).read()")
+    start = time.monotonic()
+    while True:
+        try:
+            if cluster.ssh(VMS[0], "python3", "-c", f'"{probe}"', timeout=60, check=False).returncode == 0:
+                return time.monotonic() - start
+        except subprocess.TimeoutExpired:
+            pass
+        if time.monotonic() - start > timeout:
+            state = cluster.ssh(VMS[0], "journalctl", "-u", "dllama-api", "-n", "20", "--no-pager",
+                                check=False).stdout
+            raise Failed(f"dllama-api did not answer /health within {timeout:.0f} s:\n{state}")
+        time.sleep(3)
+
+
 def recap(output: str) -> dict[str, dict[str, int]]:
     """PLAY RECAP lines -> host -> {ok, changed, unreachable, failed, ...}."""
     hosts = {}
@@ -187,6 +208,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the VMs running afterwards")
     parser.add_argument("--down", action="store_true", help="only remove VMs left by --keep")
     parser.add_argument("--kvm", action="store_true", help="KVM instead of software emulation")
+    parser.add_argument("--ignore-budget", action="store_true",
+                        help="pass when every check passed, however long it took")
     args = parser.parse_args()
 
     if os.geteuid() != 0:
@@ -261,6 +284,10 @@ def main() -> int:
                 raise Failed("site.yml failed")
             say("    " + ", ".join(f"{h}: changed={r.get('changed')}" for h, r in recap(out).items()))
 
+        with phase("dllama-api answers /health (it loads the model and reaches the workers)"):
+            took = wait_for_api(cluster, API_START_TIMEOUT_S)
+            say(f"    /health answered {took:.0f} s after site.yml finished")
+
         pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
         with phase("testinfra: facts on every node"):
             rc, out = run_logged(netns_exec(pytest + ["tests/infra", "--ignore",
@@ -288,16 +315,17 @@ def main() -> int:
         with phase("ansible/health.yml"):
             rc, out = run_logged(netns_exec(playbook + ["ansible/health.yml"]), RUN / "health.log", env=env)
             table = out.split("Print the cluster table", 1)[-1].split("TASK [", 1)[0]
-            for line in table.splitlines()[1:]:
-                if line.strip():
-                    print(f"      {line}")
+            table = table.split("msg: |-", 1)[-1].strip("\n").split("\n\n", 1)[0]
+            for line in table.splitlines():
+                print(f"      {line.strip()}")
             if rc != 0:
                 raise Failed("ansible/health.yml failed")
             if "not a Raspberry Pi" not in out:
                 raise Failed('ansible/health.yml did not say "not a Raspberry Pi"')
 
         with phase("inference across the VMs, worker killed and back, API recovers"):
-            rc, out = run_logged(netns_exec(pytest + ["-v", "tests/infra/test_infra_recovery.py"]),
+            rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"]
+                                            + ["-v", "tests/infra/test_infra_recovery.py"]),
                                  RUN / "recovery.log", env=env)
             for line in out.splitlines():
                 if "::" in line and ("PASSED" in line or "FAILED" in line or "SKIPPED" in line):
@@ -320,14 +348,14 @@ def main() -> int:
     total = time.monotonic() - total_start
     budget = WARM_BUDGET_S if how == "resumed" else COLD_BUDGET_S
     say()
-    say(f"{'phase':<66} {'time':>8}")
+    say(f"{'phase':<74} {'time':>8}")
     for name, took, status in PHASES:
-        say(f"{name:<66} {took:>7.1f}s{'' if status == 'ok' else '  ' + status}")
-    say(f"{'total (' + ('warm' if how == 'resumed' else 'cold') + f', budget {budget // 60} min)':<66} {total:>7.1f}s")
+        say(f"{name:<74} {took:>7.1f}s{'' if status == 'ok' else '  ' + status}")
+    say(f"{'total (' + ('warm' if how == 'resumed' else 'cold') + f', budget {budget // 60} min)':<74} {total:>7.1f}s")
     say(f"logs: {RUN}")
     if passed and total > budget:
-        say(f"over budget: {total:.0f} s > {budget} s")
-        passed = False
+        say(f"over budget: {total:.0f} s > {budget} s" + (" (--ignore-budget)" if args.ignore_budget else ""))
+        passed = args.ignore_budget
     say("PASSED" if passed else "FAILED")
     return 0 if passed else 1
 
