@@ -31,19 +31,24 @@ def tiny_model(tmp_path_factory):
     return hf, model
 
 
-def greedy_text(model, tokenizer_dir) -> str:
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    ids = tokenizer.encode(PROMPT)
+def greedy(model, tokenizer: Tokenizer, ids: list[int], steps: int) -> str:
+    """What a fresh engine generates greedily after ids, up to steps tokens or an end token."""
     out = []
     with Engine(model, nthreads=2, max_seq_len=4096) as engine:
         logits = engine.forward(ids)
-        for _ in range(STEPS):
+        while len(out) < steps:
             token = int(np.argmax(logits))
             if token in tokenizer.eos_ids:
                 break
             out.append(token)
-            logits = engine.forward([token])
+            if len(out) < steps:
+                logits = engine.forward([token])
     return tokenizer.decode(out)
+
+
+def greedy_text(model, tokenizer_dir) -> str:
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    return greedy(model, tokenizer, tokenizer.encode(PROMPT), STEPS)
 
 
 def test_inference_prints_greedy_text_and_figures(tiny_model):
@@ -78,18 +83,7 @@ def test_inference_on_a_damaged_model_file_says_so(tiny_model, tmp_path):
 def greedy_reply(model, tokenizer, conversation, steps=8) -> str:
     """The reply one fresh engine gives the whole rendered conversation: no cache involved."""
     ids = tokenizer.encode(tokenizer.apply_chat_template(conversation, enable_thinking=False), add_special_tokens=False)
-    reply = []
-    with Engine(model, nthreads=2, max_seq_len=4096) as engine:
-        logits = engine.forward(ids)
-        for _ in range(steps):
-            token = int(np.argmax(logits))
-            if token in tokenizer.eos_ids:
-                break
-            reply.append(token)
-            if len(reply) == steps:
-                break
-            logits = engine.forward([token])
-    return tokenizer.decode(reply)
+    return greedy(model, tokenizer, ids, steps)
 
 
 def test_chat_answers_each_turn_as_a_fresh_engine_would(tiny_model):
