@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="0.0.0.0",
                    help="address to listen on (default: 0.0.0.0, every interface: set --api-key-file)")
-    g.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})")
+    g.add_argument("--port", type=cli._port, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})")
     g.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="file holding the key clients send as 'Authorization: Bearer KEY' (default: no key)")
     g.add_argument("--queue-size", type=cli._positive_int, default=DEFAULT_QUEUE_SIZE, metavar="N",
@@ -185,16 +185,6 @@ def _read_api_key(path: str) -> str:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         print(f"{PROG}: note: {path} is readable by other users; chmod 600 it", file=sys.stderr)
     return key
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port between 1 and 65535, got {value}")
-    return value
 
 
 def _url_host(host: str) -> str:
