@@ -7,7 +7,7 @@ OUT ?= out
 NTHREADS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench install deps system-deps lint e2e clean wheelhouse
+.PHONY: demo test unit bench install deps system-deps lint e2e clean wheelhouse
 
 # The Python environment: build tools first (the package is built without isolation, so the
 # native core's build directory is reused between runs), then the package's own dependencies.
@@ -39,7 +39,13 @@ demo: install
 	  --prompt "Hello, world! 안녕하세요. def main():" --steps 32 --buffer-float-type q80 \
 	  --nthreads $(NTHREADS) --max-seq-len 4096 --temperature 0
 
-test: system-deps install
+# Everything: the unit and integration tests, then the appliance end to end on VMs (root; about
+# half an hour under software emulation, most of it the first time: the image is cached).
+test: unit
+	$(PY) tests/vm/run_e2e.py $(E2E_ARGS)
+
+# The tests that need no VMs (a few minutes).
+unit: system-deps install
 	$(PY) -m pytest -q tests
 
 bench: install
@@ -55,14 +61,17 @@ WHEELHOUSE_PYTHON ?= 3.11
 HOST_ARCH := $(shell uname -m)
 MANYLINUX_PLATFORMS = $(foreach v,$(shell seq 17 36),--platform manylinux_2_$(v)_$(1))
 BUILD_REQUIREMENTS := scikit-build-core pybind11 cmake ninja
+# The same sources give the same archives (nodes reinstall only when the wheelhouse changed).
+SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 315532800)
 
 wheelhouse: deps
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)/dist
 	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
 	  > $(WHEELHOUSE)/requirements.txt
-	$(PY) -c "from scikit_build_core.build import build_sdist; build_sdist('$(WHEELHOUSE)/dist')"
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
+	  $(PY) -c "from scikit_build_core.build import build_sdist; build_sdist('$(WHEELHOUSE)/dist')"
 	if [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(WHEELHOUSE_PYTHON)" ]; then \
-	  SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
+	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
 	    $(PIP) wheel -q --no-build-isolation --no-deps --wheel-dir $(WHEELHOUSE)/dist . ; fi
 	set -e; for arch in $(WHEELHOUSE_ARCHS); do \
 	  mkdir -p $(WHEELHOUSE)/$$arch; \
@@ -72,7 +81,7 @@ wheelhouse: deps
 	    cp $(WHEELHOUSE)/dist/*.whl $(WHEELHOUSE)/$$arch/; extra=; fi; \
 	  $(PIP) download -q --dest $(WHEELHOUSE)/$$arch --only-binary=:all: --implementation cp \
 	    --python-version $(WHEELHOUSE_PYTHON) $(call MANYLINUX_PLATFORMS,$$arch) \
-	    -r $(WHEELHOUSE)/requirements.txt $$extra; \
+	    -r $(WHEELHOUSE)/requirements.txt pip $$extra; \
 	  tar -C $(WHEELHOUSE)/$$arch --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
 	    -cf $(WHEELHOUSE)/$$arch.tar .; \
 	done

@@ -90,14 +90,16 @@ def test_task_names_are_imperative_sentences(role):
         assert not name.endswith("."), name
 
 
-def test_site_yml_has_one_play_per_group_with_the_roles_in_order():
+def test_site_yml_prepares_every_node_then_serves_by_group():
     plays = load(ROOT / "site.yml")
-    layout = [(p["hosts"], [r["role"] for r in p["roles"]]) for p in plays]
+    layout = [(p["hosts"], [(r["role"], r.get("when")) for r in p["roles"]]) for p in plays]
     assert layout == [
-        ("cluster", ["network", "tuning", "engine"]),
-        ("workers", ["worker"]),
-        ("root", ["model", "api"]),
+        ("cluster", [("network", None), ("tuning", None), ("engine", None)]),
+        ("cluster", [("worker", "inventory_hostname in groups['workers']"),
+                     ("model", "inventory_hostname in groups['root']"),
+                     ("api", "inventory_hostname in groups['root']")]),
     ]
+    assert plays[1]["strategy"] == "ansible.builtin.free"
     for play in plays:
         assert play["become"] is True
         assert all(r.get("tags") == [r["role"]] for r in play["roles"])

@@ -21,6 +21,10 @@ def test_dllama_api_command_is_installed(host):
     assert host.file("/opt/dllama/bin/dllama-api").is_file
 
 
-def test_engine_build_fingerprint_is_recorded(host):
-    fingerprint = host.file("/opt/dllama/.dllama-build")
-    assert fingerprint.exists and "dllama_cluster-" in fingerprint.content_string
+def test_the_wheelhouse_the_engine_came_from_is_recorded(host):
+    arch = host.system_info.arch
+    recorded = host.file("/opt/dllama/.dllama-wheelhouse")
+    assert recorded.exists
+    # "<arch>.tar sha256:<hex>": the archive the role copied, by checksum
+    name, checksum = recorded.content_string.split()
+    assert name == f"{arch}.tar" and checksum == "sha256:" + host.file("/opt/dllama/wheelhouse.tar").sha256sum

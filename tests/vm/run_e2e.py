@@ -19,7 +19,8 @@ prints its time. Needs root (network namespaces, taps, debootstrap).
   --cold   ignore the booted snapshot (boot the VMs from scratch and save a new one)
   --keep   leave the VMs running afterwards (for debugging; `--down` removes them)
   --kvm    use KVM (real hardware virtualisation; untested on these machines)
-  --ignore-budget   pass on the checks alone (the time budgets fail on 2-core TCG machines)
+  --enforce-budget  fail when over the time budget (25 min cold, 10 min warm); without it the
+                    times are reported, not asserted (speed is measured, not tested)
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ def wheelhouse_and_model() -> None:
 
 def write_inventory(cluster: Cluster, control_dir: Path) -> Path:
     root, *workers = VMS
+    # ControlMaster here too: testinfra reads these and then shares one connection per node.
     ssh_args = ("-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
-                f"-o ControlPath={control_dir}/%C")
+                f"-o ControlMaster=auto -o ControlPersist=120s -o ControlPath={control_dir}/%C")
 
     def host(vm):
         return f"        {vm.name}:\n          ansible_host: {vm.address}\n"
@@ -208,8 +210,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the VMs running afterwards")
     parser.add_argument("--down", action="store_true", help="only remove VMs left by --keep")
     parser.add_argument("--kvm", action="store_true", help="KVM instead of software emulation")
-    parser.add_argument("--ignore-budget", action="store_true",
-                        help="pass when every check passed, however long it took")
+    parser.add_argument("--enforce-budget", action="store_true",
+                        help="fail when over the time budget, not only report it")
     args = parser.parse_args()
 
     if os.geteuid() != 0:
@@ -353,9 +355,11 @@ def main() -> int:
         say(f"{name:<74} {took:>7.1f}s{'' if status == 'ok' else '  ' + status}")
     say(f"{'total (' + ('warm' if how == 'resumed' else 'cold') + f', budget {budget // 60} min)':<74} {total:>7.1f}s")
     say(f"logs: {RUN}")
-    if passed and total > budget:
-        say(f"over budget: {total:.0f} s > {budget} s" + (" (--ignore-budget)" if args.ignore_budget else ""))
-        passed = args.ignore_budget
+    if total > budget:
+        say(f"over budget: {total:.0f} s > {budget} s" + ("" if args.enforce_budget else " (reported, not enforced)"))
+        passed = passed and not args.enforce_budget
+    else:
+        say(f"within budget: {total:.0f} s <= {budget} s")
     say("PASSED" if passed else "FAILED")
     return 0 if passed else 1
 
