@@ -97,8 +97,13 @@ void Transformer::bind(const std::string& name, const uint8_t* data, int rows, i
     require(row_stride >= row_bytes(type, cols), "tensor " + name + ": row stride shorter than a row");
     if (type == FloatType::Q40) {
         AlignedBytes& own = packed_[name];
-        own = pack_q40(data, row_stride, rows, cols);
-        *slot.tensor = Tensor{own.get(), type, rows, cols, 0, true};
+        own = alloc_packed_q40(rows, cols);
+        const int groups = q40_groups(rows);
+        uint8_t* out = own.get();
+        pool_.run([&](int t, int nt) {  // the copy's cost is first touching fresh pages: share it
+            pack_q40_groups(data, row_stride, rows, cols, groups * t / nt, groups * (t + 1) / nt, out);
+        });
+        *slot.tensor = Tensor{out, type, rows, cols, 0, true};
     } else {
         *slot.tensor = Tensor{data, type, rows, cols, row_stride};
     }

@@ -221,16 +221,11 @@ struct ActBlock {
     int32_t sum8;
 };
 
-// How far ahead of the group-block being read the packed stream is prefetched (see
-// kPrefetchBytes; a group is one stream, so two lines per 144-byte group-block reach every line).
+// How far ahead of the group-block being read the packed stream is prefetched, two lines per
+// 144-byte group-block (the hardware prefetcher fills the odd line it skips). Measured on a 175 MB
+// matrix, one thread: no prefetch 0.8 of the plain read bandwidth, 2 to 16 KB ahead 1.0 to 1.1.
 constexpr int kPackedPrefetchBytes = 8192;
 
-// One group of 8 packed rows (repack.h) against B activation rows. Each 256-bit load holds
-// rows p and p + 4 of a block; their low nibbles meet x0..15 and the high ones x16..31 (both
-// broadcast to the two halves): maddubs + add leave 8 int16 partial sums per row, three
-// horizontal adds the 8 rows' sums in row order (unsigned nibbles: |sum| <= 16 * 15 * 128 fits
-// int16), madd widens them to int32, minus 8 * sum(x) of the block, convert, one FMA with the
-// 8 rows' d_w * d_x.
 struct PackedCtx {
     const BlockQ80* x;
     size_t x_stride_blocks;
@@ -240,9 +235,9 @@ struct PackedCtx {
 // One group of 8 packed rows (repack.h) against B activation rows. Each 256-bit load holds
 // rows p and p + 4 of a block; their low nibbles meet x0..15 and the high ones x16..31 (both
 // broadcast to the two halves): maddubs + add leave 8 int16 partial sums per row, three
-// horizontal adds the 8 rows' sums in row order (unsigned nibbles: |sum| <= 16 * 15 * 128 fits
-// int16), madd widens them to int32, minus 8 * sum(x) of the block, convert, one FMA with the
-// 8 rows' d_w * d_x.
+// horizontal adds the 8 rows' sums in row order (16 products of a nibble 0..15 and an int8:
+// |sum| <= 30720 fits int16), madd widens them to int32, minus 8 * sum(x) of the block,
+// convert, one FMA with the 8 rows' d_w * d_x.
 struct GroupQ40 {
     template <int B>
     static void run(const PackedCtx& ctx, int nb, const uint8_t* g, int b0, float* y, size_t y_stride, int nr) {

@@ -32,8 +32,16 @@ struct FreeDeleter {
 };
 using AlignedBytes = std::unique_ptr<uint8_t[], FreeDeleter>;
 
-// rows x cols Q40 (row r at w + r * row_stride) in the packed order, in 64-byte aligned memory
-// of q40_group_bytes(cols) * ceil(rows / 8) bytes.
+constexpr int q40_groups(int rows) { return (rows + kQ40GroupRows - 1) / kQ40GroupRows; }
+
+// Uninitialised 64-byte aligned memory for a packed rows x cols matrix.
+AlignedBytes alloc_packed_q40(int rows, int cols);
+
+// Groups [g0, g1) of the rows x cols Q40 matrix at w (row r at w + r * row_stride) into out, a
+// packed matrix (disjoint group ranges can be packed by different threads).
+void pack_q40_groups(const uint8_t* w, size_t row_stride, int rows, int cols, int g0, int g1, uint8_t* out);
+
+// The whole matrix, packed into new memory.
 AlignedBytes pack_q40(const uint8_t* w, size_t row_stride, int rows, int cols);
 
 }  // namespace dllama
