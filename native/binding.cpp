@@ -139,7 +139,7 @@ struct PyMesh {
         : mesh(std::make_unique<Mesh>(node, std::move(fds), std::move(names), timeout_ms)) {}
 };
 
-// Owns the Transformer and keeps every buffer it reads weights from alive.
+// Owns the Transformer and keeps every buffer it reads weights from in place (F32) alive.
 struct PyTransformer {
     std::unique_ptr<Transformer> model;
     std::vector<py::object> owners;
@@ -227,7 +227,7 @@ struct PyTransformer {
             throw std::invalid_argument("tensor " + name + ": needs " + std::to_string(need) + " bytes at offset " +
                                         std::to_string(offset) + ", buffer has " + std::to_string(size));
         model->bind(name, static_cast<const uint8_t*>(info.ptr) + offset, rows, cols, row_stride, (FloatType)type);
-        owners.push_back(buffer);
+        if (type != (int)FloatType::Q40) owners.push_back(buffer);  // Q40 matrices were copied (packed)
     }
 
     py::object forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int pos, bool logits) {

@@ -95,7 +95,18 @@ void Transformer::bind(const std::string& name, const uint8_t* data, int rows, i
     require(type == slot.type, "tensor " + name + ": unexpected float type " + std::to_string((int)type));
     require(data != nullptr, "tensor " + name + ": no data");
     require(row_stride >= row_bytes(type, cols), "tensor " + name + ": row stride shorter than a row");
-    *slot.tensor = Tensor{data, type, rows, cols, row_stride};
+    if (type == FloatType::Q40) {
+        AlignedBytes& own = packed_[name];
+        own = alloc_packed_q40(rows, cols);
+        const int groups = q40_groups(rows);
+        uint8_t* out = own.get();
+        pool_.run([&](int t, int nt) {  // the copy's cost is first touching fresh pages: share it
+            pack_q40_groups(data, row_stride, rows, cols, groups * t / nt, groups * (t + 1) / nt, out);
+        });
+        *slot.tensor = Tensor{out, type, rows, cols, 0, true};
+    } else {
+        *slot.tensor = Tensor{data, type, rows, cols, row_stride};
+    }
 }
 
 void Transformer::check_bound() const {
@@ -123,16 +134,17 @@ void Transformer::run_matmuls(const MatmulJob* jobs, int n_jobs) {
             if (job.batch == 0) continue;
             const int64_t per_row = job.batch + 1, size = (int64_t)w.rows * per_row;
             if (at + size > begin) {
-                // this job's rows inside [begin, end), rounded to whole tiles of 4 rows
+                // this job's rows inside [begin, end), rounded to whole groups of 8 rows (a
+                // packed group is written by one thread; the f32 tiles are 4 rows or fewer)
                 auto row_at = [&](int64_t pos) {
                     const int64_t r = (std::clamp(pos, at, at + size) - at + per_row - 1) / per_row;
-                    return r >= w.rows ? w.rows : (int)(r / 4 * 4);
+                    return r >= w.rows ? w.rows : (int)(r / kQ40GroupRows * kQ40GroupRows);
                 };
                 const int r0 = row_at(begin), r1 = row_at(end);
                 if (r0 < r1) {
                     if (w.type == FloatType::Q40) {
-                        kern.matmul_q40_q80(job.y, w.rows, w.data, w.row_stride, static_cast<const BlockQ80*>(job.x),
-                                            w.cols / kBlockSize, w.cols, r0, r1, job.batch);
+                        kern.matmul_q40x8_q80(job.y, w.rows, w.data, static_cast<const BlockQ80*>(job.x),
+                                              w.cols / kBlockSize, w.cols, r0, r1, job.batch);
                     } else {
                         kern.matmul_f32(job.y, w.rows, w.data, w.row_stride, static_cast<const float*>(job.x),
                                         w.cols, w.cols, r0, r1, job.batch);

@@ -1,10 +1,12 @@
 // The per-node forward pass of Llama 3, Qwen3 and Qwen3 MoE over this node's slice.
 #pragma once
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "model.h"
+#include "repack.h"
 #include "thread_pool.h"
 
 namespace dllama {
@@ -24,8 +26,10 @@ public:
     Transformer(const ModelConfig& config, const SlicePlan& plan, int n_threads, int max_seq_len,
                 int max_batch);
 
-    // Points a weight at memory the caller keeps alive. Throws std::invalid_argument when the
-    // name is unknown or the shape or type is not what this node expects.
+    // Points an F32 weight at memory the caller keeps alive; copies a Q40 one into packed
+    // memory of its own (repack.h), so the caller's copy is no longer read. Throws
+    // std::invalid_argument when the name is unknown or the shape or type is not what this
+    // node expects.
     void bind(const std::string& name, const uint8_t* data, int rows, int cols, size_t row_stride,
               FloatType type);
     // Throws std::invalid_argument naming the first weight not bound yet.
@@ -70,6 +74,7 @@ private:
     ThreadPool pool_;
     RopeTable rope_;
     Weights weights_;
+    std::map<std::string, AlignedBytes> packed_;  // the Q40 matrices, by name
     AllReduce* all_reduce_ = nullptr;
 
     // sizes of this node's slices

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "quant.h"
+#include "repack.h"
 
 namespace dllama {
 
@@ -38,6 +39,11 @@ struct Kernels {
     void (*matmul_q40_q80)(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
                            const BlockQ80* x, size_t x_stride_blocks, int n, int r0, int r1,
                            int batch);
+    // The same product over a matrix packed by pack_q40 (repack.h), the form the forward pass
+    // binds: w is the packed matrix, r0 a multiple of 8. The group holding row r1 - 1 is read
+    // whole (its padding rows are part of the packed matrix); only rows [r0, r1) are written.
+    void (*matmul_q40x8_q80)(float* y, size_t y_stride, const uint8_t* w, const BlockQ80* x,
+                             size_t x_stride_blocks, int n, int r0, int r1, int batch);
     void (*matmul_f32)(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
                        const float* x, size_t x_stride, int n, int r0, int r1, int batch);
 };

@@ -116,6 +116,34 @@ static void matmul_q40_q80_generic(float* y, size_t y_stride, const uint8_t* w, 
     }
 }
 
+// Row by row over the packed groups, summing in vec_dot_q40_q80_generic's order: the results
+// equal matmul_q40_q80_generic's bit for bit.
+static void matmul_q40x8_q80_generic(float* y, size_t y_stride, const uint8_t* w, const BlockQ80* x,
+                                     size_t x_stride_blocks, int n, int r0, int r1, int batch) {
+    const int nb = n / kBlockSize;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t* group = w + size_t(r / kQ40GroupRows) * q40_group_bytes(n);
+        const int k = r % kQ40GroupRows;
+        for (int b = 0; b < batch; b++) {
+            const BlockQ80* xb = x + size_t(b) * x_stride_blocks;
+            float sum = 0.0f;
+            for (int i = 0; i < nb; i++) {
+                const uint8_t* gb = group + size_t(i) * kQ40GroupBlockBytes;
+                const uint8_t* qs = gb + q40_group_qs_offset(k);
+                uint16_t d;
+                std::memcpy(&d, gb + 2 * k, 2);
+                int sumi = 0;
+                for (int j = 0; j < kBlockSize / 2; j++) {
+                    sumi += ((qs[j] & 0x0F) - 8) * xb[i].qs[j];
+                    sumi += ((qs[j] >> 4) - 8) * xb[i].qs[j + kBlockSize / 2];
+                }
+                sum += float(sumi) * (fp16_to_fp32(d) * fp16_to_fp32(xb[i].d));
+            }
+            y[size_t(b) * y_stride + r] = sum;
+        }
+    }
+}
+
 static void matmul_f32_generic(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
                                const float* x, size_t x_stride, int n, int r0, int r1, int batch) {
     for (int r = r0; r < r1; r++) {
@@ -135,6 +163,7 @@ static const Kernels kGeneric = {
     vec_dot_f32_generic,
     vec_mad_f32_generic,
     matmul_q40_q80_generic,
+    matmul_q40x8_q80_generic,
     matmul_f32_generic,
 };
 

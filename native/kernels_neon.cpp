@@ -207,6 +207,72 @@ void matmul_q40_q80_neon(float* y, size_t y_stride, const uint8_t* w, size_t w_s
                                               batch);
 }
 
+struct PackedCtx {
+    const BlockQ80* x;
+    size_t x_stride_blocks;
+};
+
+// One group of 8 packed rows (repack.h) against B activation rows: per row two dot products
+// (low nibbles with x0..15, high with x16..31) on top of the block's sum(-8 * q), pairwise adds
+// bring four rows' sums into one vector, then one FMA per four rows with their d_w * d_x.
+struct GroupQ40 {
+    template <int B>
+    static void run(const PackedCtx& ctx, int nb, const uint8_t* g, int b0, float* y, size_t y_stride, int nr) {
+        const uint8x16_t m4 = vdupq_n_u8(0x0F);
+        const int8x16_t minus8 = vdupq_n_s8(-8);
+        const BlockQ80* x[B];
+        for (int b = 0; b < B; b++) x[b] = ctx.x + size_t(b0 + b) * ctx.x_stride_blocks;
+        float32x4_t acc[2][B];  // rows 0..3 and 4..7
+        for (int h = 0; h < 2; h++)
+            for (int b = 0; b < B; b++) acc[h][b] = vdupq_n_f32(0.0f);
+        for (int i = 0; i < nb; i++, g += kQ40GroupBlockBytes) {
+            __builtin_prefetch(g + kPrefetchBytes);
+            __builtin_prefetch(g + kPrefetchBytes + 64);
+            const float16x8_t hd = vreinterpretq_f16_u8(vld1q_u8(g));
+            const float32x4_t dw[2] = {vcvt_f32_f16(vget_low_f16(hd)), vcvt_high_f32_f16(hd)};
+            int8x16_t x0[B], x1[B];
+            int32x4_t base[B];
+            float dx[B];
+            for (int b = 0; b < B; b++) {
+                x0[b] = vld1q_s8(x[b][i].qs);
+                x1[b] = vld1q_s8(x[b][i].qs + 16);
+                base[b] = vdotq_s32(vdotq_s32(vdupq_n_s32(0), minus8, x0[b]), minus8, x1[b]);
+                dx[b] = fp16_to_fp32_neon(x[b][i].d);
+            }
+            for (int h = 0; h < 2; h++) {
+                int32x4_t s[B][4];
+                for (int k = 0; k < 4; k++) {
+                    const uint8x16_t raw = vld1q_u8(g + q40_group_qs_offset(4 * h + k));
+                    const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(raw, m4));
+                    const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+                    for (int b = 0; b < B; b++) s[b][k] = vdotq_s32(vdotq_s32(base[b], lo, x0[b]), hi, x1[b]);
+                }
+                for (int b = 0; b < B; b++) {
+                    const int32x4_t rows = vpaddq_s32(vpaddq_s32(s[b][0], s[b][1]), vpaddq_s32(s[b][2], s[b][3]));
+                    acc[h][b] = vfmaq_f32(acc[h][b], vcvtq_f32_s32(rows), vmulq_n_f32(dw[h], dx[b]));
+                }
+            }
+        }
+        for (int b = 0; b < B; b++) {
+            float* yb = y + size_t(b) * y_stride;
+            if (nr == kQ40GroupRows) {
+                vst1q_f32(yb, acc[0][b]);
+                vst1q_f32(yb + 4, acc[1][b]);
+            } else {
+                float out[kQ40GroupRows];
+                vst1q_f32(out, acc[0][b]);
+                vst1q_f32(out + 4, acc[1][b]);
+                for (int r = 0; r < nr; r++) yb[r] = out[r];
+            }
+        }
+    }
+};
+
+void matmul_q40x8_q80_neon(float* y, size_t y_stride, const uint8_t* w, const BlockQ80* x, size_t x_stride_blocks,
+                           int n, int r0, int r1, int batch) {
+    matmul_q40_groups<GroupQ40>(PackedCtx{x, x_stride_blocks}, y, y_stride, w, n, r0, r1, batch);
+}
+
 // f32: R rows x B activation rows, 4 lanes, then the scalar tail.
 template <int R, int B>
 void dot_tile_f32(int n, const float* const* w, const float* const* x, float* y, size_t y_stride) {
@@ -281,6 +347,7 @@ const Kernels kNeon = {
     vec_dot_f32_neon,
     vec_mad_f32_neon,
     matmul_q40_q80_neon,
+    matmul_q40x8_q80_neon,
     matmul_f32_neon,
 };
 

@@ -51,14 +51,17 @@ struct SlicePlan {
     int vocab() const { return vocab_end - vocab_begin; }
 };
 
-// A matrix [rows, cols] (or a vector: rows 1) somewhere in memory the node does not own (a
-// memory-mapped model file, or a buffer of received slices). row_stride is in bytes; wider
-// than the row when the tensor is a column slice of a bigger matrix read in place.
+// A matrix [rows, cols] (or a vector: rows 1). F32 tensors stay in memory the node does not own
+// (a memory-mapped model file, or a buffer of received slices); row_stride is in bytes, wider
+// than the row when the tensor is a column slice of a bigger matrix read in place. Q40 matrices
+// are copied at bind time into the node's own memory in the packed order of repack.h (packed
+// set, row_stride and row() meaningless).
 struct Tensor {
     const uint8_t* data = nullptr;
     FloatType type = FloatType::F32;
     int rows = 0, cols = 0;
     size_t row_stride = 0;
+    bool packed = false;
 
     const float* f32() const { return reinterpret_cast<const float*>(data); }
     const uint8_t* row(int r) const { return data + (size_t)r * row_stride; }

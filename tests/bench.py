@@ -64,7 +64,9 @@ def main() -> None:
     bandwidth = _core.measure_read_bandwidth(1 << 30, args.nthreads, 5)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 151643, size=args.prompt_tokens).tolist()
+    start = time.perf_counter()
     with Engine(model, nthreads=args.nthreads, max_seq_len=args.prompt_tokens + args.decode_tokens + 8) as engine:
+        load_s = time.perf_counter() - start
         c = engine.config
         engine.forward(prompt[:8])  # warm the page cache and the threads
         engine.reset()
@@ -82,6 +84,7 @@ def main() -> None:
     decode_tok_s = args.decode_tokens / decode_s
     prefill_tok_s = args.prompt_tokens / prefill_s
     print(f"kernels {_core.kernel_name()}, {args.nthreads} threads, {c.n_layers} layers of Qwen3-30B-A3B shape, Q40 weights / Q80 activations")
+    print(f"load (bind weights)     {load_s:8.2f} s")
     print(f"memory read bandwidth   {bandwidth / 1e9:8.2f} GB/s ({args.nthreads} threads)")
     print(f"active weights / token  {per_token / 1e6:8.1f} MB  -> limit {limit_tok_s:7.2f} tok/s")
     print(f"decode                  {decode_tok_s:8.2f} tok/s  {1000 / decode_tok_s:7.1f} ms/token  = {decode_tok_s / limit_tok_s:.2f} of the limit")

@@ -247,7 +247,10 @@ def test_usage_counts_the_rendered_prompt(server, tokenizer):
 
 def test_four_concurrent_clients_are_served_and_a_fifth_gets_429(server):
     prompts = [f"Count to {n}, slowly." for n in range(4)]
-    long = 200  # tokens: the first reply is still going when the fifth request arrives
+    # tokens: the first reply is still going when the fifth request arrives. The tiny model
+    # decodes one in 1-2 ms, so 200 left a window a busy machine's scheduling stalls could close
+    # (the four done before all four were seen in flight, or one done before the fifth came).
+    long = 1500
     answers: dict[int, str] = {}
     errors: list[BaseException] = []
 

@@ -20,6 +20,7 @@
 
 #include "kernels.h"
 #include "quant.h"
+#include "repack.h"
 
 using namespace dllama;
 
@@ -635,6 +636,106 @@ void test_matmul(const Kernels& k, const Kernels* ref) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// packed Q40 (repack.h): the layout, then every set's matmul_q40x8_q80 against generic's
+// row-major matmul_q40_q80 (generic's packed kernel bit for bit, the fast ones within kRelTol)
+
+void test_pack_layout() {
+    const int rows = 11, nb = 3, extra = 2, col = 1;  // a column slice: 3 of 5 blocks, from block 1
+    std::vector<BlockQ40> wall(size_t(rows) * (nb + extra));
+    fill_q40(wall.data(), wall.size());
+    const size_t stride = (nb + extra) * sizeof(BlockQ40);
+    const uint8_t* w = reinterpret_cast<const uint8_t*>(wall.data() + col);
+    const AlignedBytes p = pack_q40(w, stride, rows, nb * 32);
+    bool ok = reinterpret_cast<uintptr_t>(p.get()) % 64 == 0;
+    std::string detail;
+    for (int g = 0; g < 2; g++) {
+        for (int i = 0; i < nb; i++) {
+            const uint8_t* gb = p.get() + g * q40_group_bytes(nb * 32) + i * kQ40GroupBlockBytes;
+            for (int k = 0; k < 8; k++) {
+                const int r = 8 * g + k;
+                BlockQ40 want{};  // padding rows: scale +0, nibbles 0
+                if (r < rows) want = *reinterpret_cast<const BlockQ40*>(w + r * stride + i * sizeof(BlockQ40));
+                uint16_t d;
+                std::memcpy(&d, gb + 2 * k, 2);
+                const bool same = d == want.d && std::memcmp(gb + q40_group_qs_offset(k), want.qs, 16) == 0;
+                if (!same && detail.empty()) detail = fmt("group %d block %d row %d", g, i, k);
+                ok = ok && same;
+            }
+        }
+    }
+    // slot order: rows 0 4 1 5 2 6 3 7 after the 16 bytes of scales
+    const int slots[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+    for (int s = 0; s < 8; s++) ok = ok && q40_group_qs_offset(slots[s]) == 16 + 16 * s;
+    check(ok, "pack_q40: 64-byte aligned, scales then nibbles in slot order, zero padding rows", detail);
+}
+
+struct PackedCase {
+    int rows, n, batch, r0, r1;
+    int w_extra, w_col;  // the packed matrix is a column slice: extra blocks per row, first block
+};
+
+bool run_matmul_packed(const Kernels& k, const PackedCase& c, bool exact, double* worst, bool* untouched) {
+    const int nb = c.n / 32;
+    const size_t w_stride = size_t(nb + c.w_extra) * sizeof(BlockQ40);
+    std::vector<BlockQ40> wall(size_t(c.rows) * (nb + c.w_extra));
+    fill_q40(wall.data(), wall.size());
+    const uint8_t* w = reinterpret_cast<const uint8_t*>(wall.data() + c.w_col);
+    const AlignedBytes packed = pack_q40(w, w_stride, c.rows, c.n);
+    const size_t x_stride = nb + 1, y_stride = c.rows + 3;
+    std::vector<BlockQ80> x(size_t(c.batch) * x_stride);
+    fill_q80(x.data(), x.size());
+    std::vector<float> y(c.batch * y_stride, kSentinel), want = y;
+    k.matmul_q40x8_q80(y.data(), y_stride, packed.get(), x.data(), x_stride, c.n, c.r0, c.r1, c.batch);
+    kernels_generic().matmul_q40_q80(want.data(), y_stride, w, w_stride, x.data(), x_stride, c.n, c.r0, c.r1, c.batch);
+    bool ok = true;
+    for (int r = c.r0; r < c.r1; r++) {
+        const BlockQ40* wr = reinterpret_cast<const BlockQ40*>(w + r * w_stride);
+        for (int b = 0; b < c.batch; b++) {
+            const float got = y[b * y_stride + r], ref = want[b * y_stride + r];
+            if (exact) ok = ok && bits_of(got) == bits_of(ref);
+            else ok = close(got, ref, dot_q40_q80_ref(wr, x.data() + b * x_stride, c.n).sum_abs, worst) && ok;
+        }
+    }
+    *untouched = check_untouched(y, MatmulCase{c.rows, c.n, c.batch, c.r0, c.r1, 0, 0, 0, 3}, y_stride);
+    return ok && *untouched;
+}
+
+void test_matmul_packed(const Kernels& k) {
+    const bool exact = &k == &kernels_generic();
+    const char* how = exact ? "bit for bit" : "within tolerance";
+    const PackedCase cases[] = {
+        {1, 32, 1, 0, 1, 0, 0},          {7, 2048, 1, 0, 7, 0, 0},       {9, 768, 3, 0, 9, 0, 0},
+        {63, 2048, 5, 0, 63, 0, 0},      {64, 4096, 2, 0, 64, 0, 0},     {768, 2048, 1, 0, 768, 0, 0},
+        {2048, 768, 1, 0, 2048, 0, 0},   {40, 64, 7, 8, 33, 2, 1},       {63, 2048, 16, 16, 63, 3, 2},
+        {17, 32, 4, 8, 16, 1, 0},        {100, 96, 9, 96, 100, 4, 4},    {24, 2048, 1, 8, 9, 0, 0},
+    };
+    for (const PackedCase& c : cases) {
+        double worst = 0;
+        bool untouched = false;
+        const bool ok = run_matmul_packed(k, c, exact, &worst, &untouched);
+        check(ok, fmt("%s matmul_q40x8_q80 ~ generic matmul_q40_q80 %s: rows [%d,%d) of %d, n=%d, batch %d, w +%d at %d",
+                      k.name, how, c.r0, c.r1, c.rows, c.n, c.batch, c.w_extra, c.w_col),
+              fmt("worst rel err %.2e%s", worst, untouched ? "" : ", wrote outside its rows"));
+    }
+    // every row count 1..17 x batch 1..7, one-block and two-block rows, whole and partial ranges
+    double worst = 0;
+    bool ok = true, all_untouched = true;
+    for (int rows = 1; rows <= 17; rows++) {
+        for (int batch = 1; batch <= 7; batch++) {
+            for (int n : {32, 64}) {
+                const int r0 = rows > 8 && batch % 2 ? 8 : 0, r1 = rows - (batch % 3 == 0 && rows > r0 + 1);
+                bool untouched = false;
+                ok = run_matmul_packed(k, PackedCase{rows, n, batch, r0, r1, batch % 2, batch % 2}, exact, &worst,
+                                       &untouched) && ok;
+                all_untouched = all_untouched && untouched;
+            }
+        }
+    }
+    check(ok, fmt("%s matmul_q40x8_q80 ~ generic matmul_q40_q80 %s: rows 1..17 x batch 1..7, n 32 and 64", k.name, how),
+          fmt("worst rel err %.2e%s", worst, all_untouched ? "" : ", wrote outside its rows"));
+}
+
+// ---------------------------------------------------------------------------------------------
 // informational timing: one 2048 x 2048 matmul, one thread
 
 template <typename F>
@@ -663,6 +764,9 @@ void time_set(const Kernels& k) {
     const size_t ws = nb * sizeof(BlockQ40);
     const double t1 = best_seconds([&] { k.matmul_q40_q80(y.data(), rows, wp, ws, x.data(), nb, n, 0, rows, 1); });
     const double t16 = best_seconds([&] { k.matmul_q40_q80(y.data(), rows, wp, ws, x.data(), nb, n, 0, rows, 16); });
+    const AlignedBytes packed = pack_q40(wp, ws, rows, n);
+    const double p1 = best_seconds([&] { k.matmul_q40x8_q80(y.data(), rows, packed.get(), x.data(), nb, n, 0, rows, 1); });
+    const double p16 = best_seconds([&] { k.matmul_q40x8_q80(y.data(), rows, packed.get(), x.data(), nb, n, 0, rows, 16); });
     std::vector<float> wf(size_t(rows) * n), xf(n);
     for (float& v : wf) v = normal();
     for (float& v : xf) v = normal();
@@ -673,6 +777,10 @@ void time_set(const Kernels& k) {
                 wbytes / t1 / 1e9);
     std::printf("TIME %s matmul_q40_q80 2048x2048 batch 16: %.3f ms, %.2f GB/s of weights, %.2f GMAC/s\n", k.name,
                 t16 * 1e3, wbytes / t16 / 1e9, 16.0 * rows * n / t16 / 1e9);
+    std::printf("TIME %s matmul_q40x8_q80 (packed) 2048x2048 batch 1: %.3f ms, %.2f GB/s of weights\n", k.name,
+                p1 * 1e3, wbytes / p1 / 1e9);
+    std::printf("TIME %s matmul_q40x8_q80 (packed) 2048x2048 batch 16: %.3f ms, %.2f GB/s of weights, %.2f GMAC/s\n",
+                k.name, p16 * 1e3, wbytes / p16 / 1e9, 16.0 * rows * n / p16 / 1e9);
     std::printf("TIME %s matmul_f32 2048x2048 batch 1: %.3f ms, %.2f GB/s of weights\n", k.name, tf * 1e3,
                 double(wf.size() * 4) / tf / 1e9);
     std::fflush(stdout);
@@ -701,6 +809,8 @@ int main(int argc, char** argv) {
     test_dequantize(generic, nullptr);
     test_vec(generic, nullptr);
     test_matmul(generic, nullptr);
+    test_pack_layout();
+    test_matmul_packed(generic);
 
     for (const Kernels* k : fast) {
         std::printf("testing kernel set: %s (against generic)\n", k->name);
@@ -709,6 +819,7 @@ int main(int argc, char** argv) {
         test_dequantize(*k, &generic);
         test_vec(*k, &generic);
         test_matmul(*k, &generic);
+        test_matmul_packed(*k);
     }
     if (fast.empty()) std::printf("no fast kernel set on this CPU: tested generic only\n");
 

@@ -77,6 +77,7 @@ class Worker:
                 if self.cache:
                     self.cache.store(session.cache_key, weights, digest)
             model = self.build(session, weights)
+            del weights  # bind copied what the model reads from a received buffer: free it
             mesh_fds, names = self.wire_mesh(conn, session, mesh_listener)
         send_frame(conn, Frame.READY)
         conn.settimeout(None)
@@ -116,11 +117,18 @@ class Worker:
         return buffer, digest.hexdigest()
 
     def build(self, session: Session, weights) -> _core.Transformer:
+        """Q40 matrices are copied (packed) by bind either way. F32 tensors are read in place from
+        the cache's map (file pages the kernel may drop), but copied out of a received buffer, so
+        that buffer, anonymous memory as large as the slices, is not kept for the session."""
         model = _core.Transformer(native_config(session.config), session.slice.native(), nthreads=self.nthreads,
                                   max_seq_len=session.max_seq_len, max_batch=session.max_batch)
+        received = isinstance(weights, np.ndarray)
         at = 0
         for (name, t, rows, cols), size in zip(session.manifest, session.sizes):
-            model.bind(name, weights, at, rows, cols, size // rows, int(FloatType(t)))
+            if received and FloatType(t) != FloatType.Q40:
+                model.bind(name, weights[at:at + size].copy(), 0, rows, cols, size // rows, int(FloatType(t)))
+            else:
+                model.bind(name, weights, at, rows, cols, size // rows, int(FloatType(t)))
             at += size
         model.check_bound()
         return model
