@@ -249,7 +249,7 @@ def main() -> int:
     try:
         with phase("system tools (qemu, debootstrap)"):
             system_tools()
-        with phase("image (cached)"):
+        with phase("image (built on the first run, then cached)"):
             image = build_image()
             say(f"    {image}")
         cluster = Cluster(image, RUN, CACHE, kvm=args.kvm, log=say)
