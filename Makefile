@@ -11,11 +11,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # The Python environment: build tools first (the package is built without isolation, so the
 # native core's build directory is reused between runs), then the package's own dependencies.
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps: pyproject.toml ansible/requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
-	$(PIP) install -q "torch==2.13.0" "transformers>=5,<6" "pytest>=8" numpy tokenizers "jinja2>=3.1" safetensors tqdm starlette uvicorn prometheus-client openai httpx "ansible==12.3.0" "ansible-lint==26.10.1" "pytest-testinfra>=10"
+	$(PIP) install -q "torch==2.13.0" "transformers>=5,<6" "pytest>=8" numpy tokenizers "jinja2>=3.1" safetensors tqdm starlette uvicorn prometheus-client openai httpx -r ansible/requirements.txt "ansible-lint==26.10.1" "pytest-testinfra>=10" "pytest-xdist>=3.6"
 	touch $@
 
 deps: $(VENV)/.deps
@@ -52,9 +52,10 @@ bench: install
 	$(PY) tests/bench.py --nthreads $(NTHREADS)
 
 # The engine for nodes with no internet: for each node architecture, the dependencies' wheels
-# (manylinux, CPython $(WHEELHOUSE_PYTHON) as on Debian bookworm), our source distribution, and our
-# wheel for this machine's architecture when this Python matches; ARCH.tar is what the engine role
-# copies to a node (byte-identical when nothing changed, so a second run copies nothing).
+# (manylinux, CPython $(WHEELHOUSE_PYTHON) as on Debian bookworm), uv (the installer the engine role
+# runs on the node), our source distribution, and our wheel for this machine's architecture when
+# this Python matches; ARCH.tar is what the engine role unpacks on a node (byte-identical when
+# nothing changed, so a second run sends nothing).
 WHEELHOUSE ?= $(OUT)/wheelhouse
 WHEELHOUSE_ARCHS ?= x86_64 aarch64
 WHEELHOUSE_PYTHON ?= 3.11
@@ -64,7 +65,12 @@ BUILD_REQUIREMENTS := scikit-build-core pybind11 cmake ninja
 # The same sources give the same archives (nodes reinstall only when the wheelhouse changed).
 SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 315532800)
 
-wheelhouse: deps
+# Rebuilt only when what goes into it changed (the sdist carries the README).
+WHEELHOUSE_INPUTS := pyproject.toml README.md Makefile $(shell find engine native -type f -not -name '*.pyc' 2>/dev/null)
+
+wheelhouse: $(WHEELHOUSE)/.built
+
+$(WHEELHOUSE)/.built: $(VENV)/.deps $(WHEELHOUSE_INPUTS)
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)/dist
 	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
 	  > $(WHEELHOUSE)/requirements.txt
@@ -81,11 +87,12 @@ wheelhouse: deps
 	    cp $(WHEELHOUSE)/dist/*.whl $(WHEELHOUSE)/$$arch/; extra=; fi; \
 	  $(PIP) download -q --dest $(WHEELHOUSE)/$$arch --only-binary=:all: --implementation cp \
 	    --python-version $(WHEELHOUSE_PYTHON) $(call MANYLINUX_PLATFORMS,$$arch) \
-	    -r $(WHEELHOUSE)/requirements.txt pip $$extra; \
+	    -r $(WHEELHOUSE)/requirements.txt uv $$extra; \
 	  tar -C $(WHEELHOUSE)/$$arch --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
 	    -cf $(WHEELHOUSE)/$$arch.tar .; \
 	done
 	@for arch in $(WHEELHOUSE_ARCHS); do echo "$(WHEELHOUSE)/$$arch:"; ls $(WHEELHOUSE)/$$arch | sed 's/^/  /'; done
+	touch $@
 
 # The appliance's playbooks and roles: ansible-lint's strictest profile (it runs yamllint too).
 lint: deps

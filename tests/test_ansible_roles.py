@@ -99,7 +99,7 @@ def test_site_yml_prepares_every_node_then_serves_by_group():
                      ("model", "inventory_hostname in groups['root']"),
                      ("api", "inventory_hostname in groups['root']")]),
     ]
-    assert plays[1]["strategy"] == "ansible.builtin.free"
+    assert plays[1]["strategy"] == "dllama_free"
     for play in plays:
         assert play["become"] is True
         assert all(r.get("tags") == [r["role"]] for r in play["roles"])

@@ -10,11 +10,13 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from dllama.generate import format_stats, generate
-from dllama.sampler import Sampler
-from dllama.tokenizer import Tokenizer
+# numpy and tokenizers load only for the commands that generate: `dllama --version`, `--help` and
+# `dllama worker` start in a fraction of the time on a slow board.
+if TYPE_CHECKING:
+    from dllama.sampler import Sampler
+    from dllama.tokenizer import Tokenizer
 
 PROG = "dllama"
 EXIT_ERROR = 1
@@ -154,6 +156,8 @@ def _closing(engine: Any) -> contextlib.AbstractContextManager:
 
 
 def _inference(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engine: Any) -> int:
+    from dllama.generate import format_stats, generate
+
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise CliError("the prompt is empty")
@@ -186,6 +190,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engine: Any) -> int:
+    from dllama.generate import generate
+
     if tokenizer.chat_template is None:
         raise CliError("the tokenizer has no chat template; use `dllama inference` for raw prompts")
     try:
@@ -276,6 +282,8 @@ def _mount_convert(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Tokenizer, Any]:
+    from dllama.tokenizer import Tokenizer
+
     for name, reason in IGNORED_FLAGS.items():
         if getattr(args, name, None) is not None:
             print(f"{PROG}: note: --{name.replace('_', '-')} is ignored ({reason})", file=sys.stderr)
@@ -374,6 +382,8 @@ def _reuse_cache(engine: Any, fed: list[int], ids: list[int]) -> tuple[list[int]
 
 
 def _sampler(args: argparse.Namespace) -> Sampler:
+    from dllama.sampler import Sampler
+
     return Sampler(temperature=args.temperature, topp=args.topp, seed=args.seed)
 
 

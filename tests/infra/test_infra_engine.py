@@ -1,6 +1,12 @@
 """engine role: the venv under /opt/dllama, installed from the wheelhouse."""
 
+import hashlib
+from pathlib import Path
+
 from infra_hosts import hosts
+
+# Where `make wheelhouse` leaves the archives the engine role sends (the role's default).
+WHEELHOUSE = Path(__file__).resolve().parents[2] / "out" / "wheelhouse"
 
 testinfra_hosts = hosts("cluster")
 
@@ -25,6 +31,8 @@ def test_the_wheelhouse_the_engine_came_from_is_recorded(host):
     arch = host.system_info.arch
     recorded = host.file("/opt/dllama/.dllama-wheelhouse")
     assert recorded.exists
-    # "<arch>.tar sha256:<hex>": the archive the role copied, by checksum
+    # "<arch>.tar sha256:<hex>": the controller's archive the role unpacked, by checksum
     name, checksum = recorded.content_string.split()
-    assert name == f"{arch}.tar" and checksum == "sha256:" + host.file("/opt/dllama/wheelhouse.tar").sha256sum
+    archive = WHEELHOUSE / f"{arch}.tar"
+    assert name == archive.name
+    assert checksum == "sha256:" + hashlib.sha256(archive.read_bytes()).hexdigest()

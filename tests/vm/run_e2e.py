@@ -3,9 +3,11 @@
     python tests/vm/run_e2e.py [--cold] [--keep] [--kvm]
 
 Boots three Debian bookworm VMs (a root and two workers) on a bridge inside the network namespace
-`dllama-e2e`, provisions them with `ansible-playbook site.yml`, then checks them:
+`dllama-e2e`, runs `ansible-playbook site.yml --check --diff` on them fresh (it must fail
+nothing), provisions them with `ansible-playbook site.yml`, then checks them:
 
-  1. testinfra over the written inventory (tests/infra, one fact per test)
+  1. testinfra over the written inventory (tests/infra, one fact per test; the API's own checks
+     once it answers /health)
   2. a second site.yml run reports changed=0 on every host
   3. ansible/health.yml passes and says "not a Raspberry Pi"
   4. a real inference through dllama-api crosses all three VMs; a killed worker is back within
@@ -200,6 +202,14 @@ def recap(output: str) -> dict[str, dict[str, int]]:
     return hosts
 
 
+def _catching(fn, *args):
+    """fn(*args), or the exception it raised (for a thread whose outcome the main thread checks)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - handed to the main thread
+        return e
+
+
 def _interrupt(*_):
     raise KeyboardInterrupt
 
@@ -280,21 +290,48 @@ def main() -> int:
         env["DLLAMA_INFRA_INVENTORY"] = str(inventory)
         playbook = [VENV_BIN / "ansible-playbook", "-i", inventory]
 
+        with phase("site.yml --check --diff on the fresh VMs (fails nothing)"):
+            rc, out = run_logged(netns_exec(playbook + ["site.yml", "--check", "--diff"]),
+                                 RUN / "site-check.log", env=env)
+            if rc != 0:
+                raise Failed("site.yml --check --diff failed")
+            say("    " + ", ".join(f"{h}: changed={r.get('changed')}" for h, r in recap(out).items()))
+
         with phase("site.yml, first run"):
             rc, out = run_logged(netns_exec(playbook + ["site.yml"]), RUN / "site-1.log", env=env)
             if rc != 0:
                 raise Failed("site.yml failed")
             say("    " + ", ".join(f"{h}: changed={r.get('changed')}" for h, r in recap(out).items()))
 
-        with phase("dllama-api answers /health (it loads the model and reaches the workers)"):
-            took = wait_for_api(cluster, API_START_TIMEOUT_S)
-            say(f"    /health answered {took:.0f} s after site.yml finished")
-
+        # dllama-api has just started: it loads the model and reaches the workers while the
+        # checks that do not need it run.
+        api_started = time.monotonic()
+        api_wait: dict[str, object] = {}
+        api_thread = threading.Thread(target=lambda: api_wait.update(result=_catching(
+            wait_for_api, cluster, API_START_TIMEOUT_S)), daemon=True)
+        api_thread.start()
         pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
-        with phase("testinfra: facts on every node"):
-            rc, out = run_logged(netns_exec(pytest + ["tests/infra", "--ignore",
-                                                      "tests/infra/test_infra_recovery.py"]),
+        # One pytest worker per node: most of a check is waiting for a guest to answer.
+        infra = pytest + ["-n", str(len(VMS))]
+        with phase("testinfra: network, tuning, engine, workers (the API starting meanwhile)"):
+            rc, out = run_logged(netns_exec(infra + ["tests/infra",
+                                                     "--ignore", "tests/infra/test_infra_recovery.py",
+                                                     "--ignore", "tests/infra/test_infra_api.py"]),
                                  RUN / "testinfra.log", env=env)
+            say("    " + (out.strip().splitlines() or ["?"])[-1])
+            if rc != 0:
+                raise Failed("testinfra failed")
+
+        with phase("dllama-api answers /health (it loads the model and reaches the workers)"):
+            api_thread.join()
+            result = api_wait["result"]
+            if isinstance(result, BaseException):
+                raise result
+            say(f"    /health answered {time.monotonic() - api_started:.0f} s after site.yml finished")
+
+        with phase("testinfra: the model and the API on the root"):
+            rc, out = run_logged(netns_exec(infra + ["tests/infra/test_infra_api.py"]),
+                                 RUN / "testinfra-api.log", env=env)
             say("    " + (out.strip().splitlines() or ["?"])[-1])
             if rc != 0:
                 raise Failed("testinfra failed")
