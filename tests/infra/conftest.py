@@ -72,6 +72,12 @@ def node(host, cluster):
 
 def pytest_collection_modifyitems(config, items):
     if INVENTORY:
+        # Under `pytest -n N --dist loadgroup` one worker takes all of a node's checks: it opens one
+        # ssh connection (seconds in a slow guest) instead of one per worker and node.
+        for item in items:
+            spec = getattr(item, "callspec", None)
+            if spec is not None and "_testinfra_host" in spec.params:
+                item.add_marker(pytest.mark.xdist_group(spec.params["_testinfra_host"].backend.get_hostname()))
         return
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:

@@ -126,8 +126,11 @@ class Cluster:
         # guest kernel zeroes and copies pages that way (measured: dd from /dev/zero 8x slower).
         accel = (["-enable-kvm", "-cpu", "host,-arch-capabilities"] if self.kvm
                  else ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max,erms=off,fsrm=off"])
+        # norandmaps: TCG keys translated code by virtual address, so with address-space
+        # randomisation every new process translates its libraries again (fork+exec 3x slower).
         cmdline = (f"root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet "
-                   f"dllama.addr={vm.address}/{PREFIX} dllama.hostname={vm.name}")
+                   f"dllama.addr={vm.address}/{PREFIX} dllama.hostname={vm.name}"
+                   + ("" if self.kvm else " norandmaps"))
         argv = [
             "qemu-system-x86_64", "-name", vm.name, "-machine", "q35", *accel,
             "-smp", "1", "-m", str(vm.memory_mb),
@@ -243,7 +246,9 @@ class Cluster:
         self.procs.clear()
 
     def boot_cold(self, timeout: float):
-        shutil.rmtree(self.snapshot_dir, ignore_errors=True)
+        # Snapshots of other qemu command lines or images are stale: ~600 MB each.
+        for old in self.cache_dir.glob("vms-*"):
+            shutil.rmtree(old, ignore_errors=True)
         self.snapshot_dir.mkdir(parents=True)
         for vm in VMS:
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",

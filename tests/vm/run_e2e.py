@@ -311,8 +311,9 @@ def main() -> int:
             wait_for_api, cluster, API_START_TIMEOUT_S)), daemon=True)
         api_thread.start()
         pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
-        # One pytest worker per node: most of a check is waiting for a guest to answer.
-        infra = pytest + ["-n", str(len(VMS))]
+        # One pytest worker per node (conftest groups the checks by node): most of a check is
+        # waiting for a guest to answer.
+        infra = pytest + ["-n", str(len(VMS)), "--dist", "loadgroup"]
         with phase("testinfra: network, tuning, engine, workers (the API starting meanwhile)"):
             rc, out = run_logged(netns_exec(infra + ["tests/infra",
                                                      "--ignore", "tests/infra/test_infra_recovery.py",
