@@ -45,6 +45,9 @@ class VM:
     address: str
     memory_mb: int
     index: int
+    # The network stack that owns eth0: NetworkManager (Debian, Raspberry Pi OS Bookworm) or
+    # dhcpcd (Raspberry Pi OS Bullseye), so site.yml's network role runs both of its paths.
+    net: str = "networkmanager"
 
     @property
     def tap(self) -> str:
@@ -58,7 +61,7 @@ class VM:
 VMS = (
     VM("vm-root", "10.77.0.11", 1024, 1),
     VM("vm-worker1", "10.77.0.12", 640, 2),
-    VM("vm-worker2", "10.77.0.13", 640, 3),
+    VM("vm-worker2", "10.77.0.13", 640, 3, net="dhcpcd"),
 )
 
 
@@ -129,7 +132,7 @@ class Cluster:
         # norandmaps: TCG keys translated code by virtual address, so with address-space
         # randomisation every new process translates its libraries again (fork+exec 3x slower).
         cmdline = (f"root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet "
-                   f"dllama.addr={vm.address}/{PREFIX} dllama.hostname={vm.name}"
+                   f"dllama.addr={vm.address}/{PREFIX} dllama.hostname={vm.name} dllama.net={vm.net}"
                    + ("" if self.kvm else " norandmaps"))
         argv = [
             "qemu-system-x86_64", "-name", vm.name, "-machine", "q35", *accel,

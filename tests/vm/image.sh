@@ -21,7 +21,7 @@ CACHE="${DLLAMA_VM_CACHE:-$HOME/.cache/dllama-vm}"
 MIRROR="${DLLAMA_VM_MIRROR:-http://deb.debian.org/debian}"
 SUITE=bookworm
 SIZE=3G
-PACKAGES=systemd-sysv,libpam-systemd,udev,dbus,network-manager,openssh-server,python3,python3-venv,linux-image-amd64,iproute2,iputils-ping,procps,sudo,initramfs-tools
+PACKAGES=systemd-sysv,libpam-systemd,udev,dbus,network-manager,dhcpcd,openssh-server,python3,python3-venv,linux-image-amd64,iproute2,iputils-ping,procps,sudo,initramfs-tools
 KEY="$(sha256sum "$SCRIPT" | cut -c1-16)"
 OUT="$CACHE/image-$KEY"
 
@@ -82,13 +82,16 @@ EOF
 cat >"$ROOT/usr/local/sbin/mgmt-net" <<'EOF'
 #!/bin/sh
 # Writes the NetworkManager profile "mgmt" for eth0 from dllama.addr= (and the host name from
-# dllama.hostname=) on the kernel command line.
+# dllama.hostname=) on the kernel command line. With dllama.net=dhcpcd the node is a Raspberry
+# Pi OS Bullseye look-alike instead: dhcpcd owns eth0 (its static address in /etc/dhcpcd.conf)
+# and NetworkManager is off.
 set -eu
-addr=""; name=""
+addr=""; name=""; net=networkmanager
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     dllama.addr=*) addr="${arg#dllama.addr=}" ;;
     dllama.hostname=*) name="${arg#dllama.hostname=}" ;;
+    dllama.net=*) net="${arg#dllama.net=}" ;;
   esac
 done
 if [ -n "$name" ]; then
@@ -97,6 +100,20 @@ if [ -n "$name" ]; then
   grep -q "^127.0.1.1[[:space:]]" /etc/hosts || printf '127.0.1.1\t%s\n' "$name" >>/etc/hosts
 fi
 [ -n "$addr" ] || exit 0
+if [ "$net" = dhcpcd ]; then
+  grep -q "^# management address" /etc/dhcpcd.conf || cat >>/etc/dhcpcd.conf <<CONF
+
+# management address (mgmt-net, from the kernel command line)
+interface eth0
+static ip_address=$addr
+CONF
+  # Runs before NetworkManager: its queued start is cancelled.
+  systemctl disable NetworkManager.service
+  systemctl --no-block stop NetworkManager.service
+  systemctl enable dhcpcd.service
+  systemctl --no-block start dhcpcd.service
+  exit 0
+fi
 umask 077
 cat >/etc/NetworkManager/system-connections/mgmt.nmconnection <<PROFILE
 [connection]
@@ -120,7 +137,7 @@ cat >"$ROOT/etc/systemd/system/mgmt-net.service" <<'EOF'
 Description=Management address from the kernel command line (dllama.addr=)
 DefaultDependencies=no
 After=local-fs.target
-Before=NetworkManager.service network-pre.target
+Before=NetworkManager.service dhcpcd.service network-pre.target
 Wants=network-pre.target
 
 [Service]
@@ -132,6 +149,8 @@ ExecStart=/usr/local/sbin/mgmt-net
 WantedBy=multi-user.target
 EOF
 mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
+# dhcpcd only where mgmt-net turns it on (dllama.net=dhcpcd); NetworkManager everywhere else.
+rm -f "$ROOT/etc/systemd/system/multi-user.target.wants/dhcpcd.service"
 ln -sf /etc/systemd/system/mgmt-net.service "$ROOT/etc/systemd/system/multi-user.target.wants/mgmt-net.service"
 
 # Only what costs boot time goes: waiting for the network, timers, trims.
@@ -163,5 +182,9 @@ mkfs.ext4 -q -L root -E root_owner=0:0 -d "$ROOT" "$WORK/base.raw" "$SIZE"
 qemu-img convert -O qcow2 "$WORK/base.raw" "$WORK/out/base.qcow2"
 rm -rf "$OUT"
 mv "$WORK/out" "$OUT"
+# Images of earlier versions of this script are stale (~700 MB each; their snapshots go with them).
+for old in "$CACHE"/image-*; do
+  [ "$old" = "$OUT" ] || rm -rf "$old"
+done
 log "image $OUT ($(du -sh "$OUT/base.qcow2" | cut -f1), initrd $(du -sh "$OUT/initrd.img" | cut -f1)) in $((SECONDS - start)) s"
 echo "$OUT"

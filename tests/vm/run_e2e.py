@@ -2,7 +2,8 @@
 
     python tests/vm/run_e2e.py [--cold] [--keep] [--kvm]
 
-Boots three Debian bookworm VMs (a root and two workers) on a bridge inside the network namespace
+Boots three Debian bookworm VMs (a root and two workers; one worker's addresses are dhcpcd's, as on
+Raspberry Pi OS Bullseye, the others NetworkManager's) on a bridge inside the network namespace
 `dllama-e2e`, runs `ansible-playbook site.yml --check --diff` on them fresh (it must fail
 nothing), provisions them with `ansible-playbook site.yml`, then checks them:
 
