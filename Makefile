@@ -9,12 +9,17 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: demo test unit bench install deps system-deps lint e2e clean wheelhouse
 
-# The Python environment: build tools first (the package is built without isolation, so the
-# native core's build directory is reused between runs), then the package's own dependencies.
-$(VENV)/.deps: pyproject.toml ansible/requirements.txt Makefile
+# The Python environment. Build tools first (the package is built without isolation, so the
+# native core's build directory is reused between runs): all `make wheelhouse` needs, so an
+# operator's controller gets no torch.
+$(VENV)/.build-deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
+	touch $@
+
+# Then the package's own dependencies and what the tests use.
+$(VENV)/.deps: $(VENV)/.build-deps pyproject.toml ansible/requirements.txt
 	$(PIP) install -q "torch==2.13.0" "transformers>=5,<6" "pytest>=8" numpy tokenizers "jinja2>=3.1" safetensors tqdm starlette uvicorn prometheus-client openai httpx -r ansible/requirements.txt "ansible-lint==26.10.1" "pytest-testinfra>=10" "pytest-xdist>=3.6"
 	touch $@
 
@@ -70,7 +75,7 @@ WHEELHOUSE_INPUTS := pyproject.toml README.md Makefile $(shell find engine nativ
 
 wheelhouse: $(WHEELHOUSE)/.built
 
-$(WHEELHOUSE)/.built: $(VENV)/.deps $(WHEELHOUSE_INPUTS)
+$(WHEELHOUSE)/.built: $(VENV)/.build-deps $(WHEELHOUSE_INPUTS)
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)/dist
 	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
 	  > $(WHEELHOUSE)/requirements.txt
