@@ -1,6 +1,7 @@
 """engine role: the venv under /opt/dllama, installed from the wheelhouse."""
 
 import hashlib
+from functools import cache
 from pathlib import Path
 
 from infra_hosts import hosts
@@ -9,6 +10,12 @@ from infra_hosts import hosts
 WHEELHOUSE = Path(__file__).resolve().parents[2] / "out" / "wheelhouse"
 
 testinfra_hosts = hosts("cluster")
+
+
+@cache
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def test_engine_venv_exists(host):
@@ -35,4 +42,4 @@ def test_the_wheelhouse_the_engine_came_from_is_recorded(host):
     name, checksum = recorded.content_string.split()
     archive = WHEELHOUSE / f"{arch}.tar"
     assert name == archive.name
-    assert checksum == "sha256:" + hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert checksum == "sha256:" + sha256_of(archive)

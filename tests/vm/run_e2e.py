@@ -203,6 +203,10 @@ def recap(output: str) -> dict[str, dict[str, int]]:
     return hosts
 
 
+def changed_summary(hosts: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{h}: changed={r.get('changed')}" for h, r in hosts.items())
+
+
 def _catching(fn, *args):
     """fn(*args), or the exception it raised (for a thread whose outcome the main thread checks)."""
     try:
@@ -296,13 +300,13 @@ def main() -> int:
                                  RUN / "site-check.log", env=env)
             if rc != 0:
                 raise Failed("site.yml --check --diff failed")
-            say("    " + ", ".join(f"{h}: changed={r.get('changed')}" for h, r in recap(out).items()))
+            say("    " + changed_summary(recap(out)))
 
         with phase("site.yml, first run"):
             rc, out = run_logged(netns_exec(playbook + ["site.yml"]), RUN / "site-1.log", env=env)
             if rc != 0:
                 raise Failed("site.yml failed")
-            say("    " + ", ".join(f"{h}: changed={r.get('changed')}" for h, r in recap(out).items()))
+            say("    " + changed_summary(recap(out)))
 
         # dllama-api has just started: it loads the model and reaches the workers while the
         # checks that do not need it run.
@@ -341,7 +345,7 @@ def main() -> int:
         with phase("site.yml, second run: changed=0 everywhere"):
             rc, out = run_logged(netns_exec(playbook + ["site.yml"]), RUN / "site-2.log", env=env)
             hosts = recap(out)
-            say("    " + ", ".join(f"{h}: changed={r.get('changed')}" for h, r in hosts.items()))
+            say("    " + changed_summary(hosts))
             if rc != 0:
                 raise Failed("the second site.yml run failed")
             changed = {h: r for h, r in hosts.items() if r.get("changed", 1) != 0}
