@@ -19,11 +19,14 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .config import BLOCK_SIZE, Arch, FloatType, HiddenAct, ModelConfig, RopeType, row_bytes
+
+# numpy is imported where arrays are made: headers, layouts and sizes need none (dllama.cluster.footprint
+# reads them on an Ansible controller that has no numpy).
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = 0x0A00ABCD
 OLD_MAGICS = (0x00ABCD00, 0x00ABCD01)
@@ -320,6 +323,8 @@ class ModelFile:
 
     def array(self, name: str) -> np.ndarray:
         """A read-only numpy view: float32 of the tensor's shape for F32, uint8 [rows, row_bytes] for Q40."""
+        import numpy as np
+
         t = self._info(name)
         if t.type == FloatType.F32:
             n = math.prod(t.shape)
@@ -393,6 +398,8 @@ _CHUNK_VALUES = 1 << 23  # values per chunk when converting or quantizing (32 Mi
 
 
 def _quantize_q40(x: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     from . import _core  # the native core; imported only when something is quantized
 
     return np.asarray(_core.quantize_q40(np.ascontiguousarray(x, dtype=np.float32)))
@@ -445,6 +452,8 @@ class ModelWriter:
 
     def write(self, name: str, array: Any) -> None:
         """Write the next tensor; `name` must be the one the layout expects next."""
+        import numpy as np
+
         if self._file is None:
             raise ModelFileError(f"{self.path}: write() outside the `with ModelWriter(...)` block")
         expected = self.next_name
@@ -472,6 +481,8 @@ class ModelWriter:
         self._next += 1
 
     def _write_floats(self, spec: TensorSpec, array: Any) -> None:
+        import numpy as np
+
         if len(spec.shape) == 1:
             self._put(np.ascontiguousarray(np.asarray(array[:], dtype="<f4")))
             return

@@ -4,8 +4,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..config import FloatType, row_bytes
 from ..model_file import ModelFile
 from .plan import NodeSlice
@@ -59,6 +57,8 @@ def node_tensors(model: ModelFile, node: NodeSlice) -> Iterator[TensorSlice]:
 
 def slice_bytes(model: ModelFile, t: TensorSlice) -> memoryview:
     """The slice as one contiguous buffer (a view into the file when its rows are whole)."""
+    import numpy as np  # here only: dllama.cluster.footprint imports this module without numpy
+
     if t.row_stride == t.row_bytes:
         return model.buffer[t.offset:t.offset + t.nbytes]
     rows = np.ndarray((t.rows, t.row_bytes), dtype=np.uint8, buffer=model.buffer, offset=t.offset,
