@@ -40,8 +40,13 @@ def _size(n: int | float) -> str:
 
 
 def _first_line(text, limit: int = 200) -> str:
+    """The telling line of an error: the first, or the last when the first only introduces the
+    others (Mitogen: "EOF on stream; last 100 lines received:" then ssh's complaint)."""
     lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
     line = lines[0] if lines else "no message"
+    if line.endswith(":") and len(lines) > 1:
+        line = lines[-1]
+    line = line.removeprefix("Task failed: ").rstrip(":")
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -357,28 +362,37 @@ def read_model(src: str, url: str) -> dict:
     return {"header": header, "name": url.rstrip("/").rsplit("/", 1)[-1]}
 
 
-def memory_problems(nodes, order: list[str], header, model_name: str, max_seq_len, footprint) -> list[str]:
-    """Every node has MemAvailable for its share of the weights, its KV cache and the runtime.
-    `order` is the cluster's node order, root first (the API's --workers order)."""
+def memory_problems(nodes, order: list[str], header, model_name: str, max_seq_len, footprint
+                    ) -> tuple[list[str], list[str]]:
+    """Every node has MemAvailable for its share of the weights, its KV cache and the runtime;
+    a worker short of its first load's peak (no cached slice yet) gets a warning.
+    `order` is the cluster's node order, root first (the API's --workers order).
+    Returns (problems, warnings)."""
     try:
         prints = footprint.node_footprints(header, [1.0] * len(order), _int(max_seq_len))
     except ValueError as e:
-        return [f"{len(order)} nodes cannot share {model_name}: {e}"]
+        return [f"{len(order)} nodes cannot share {model_name}: {e}"], []
     positions = footprint.max_seq_len_of(header.config, _int(max_seq_len))
     by_name = {n["name"]: n for n in nodes}
-    problems = []
+    problems, warnings = [], []
     for name, fp in zip(order, prints):
         node = by_name.get(name)
         sections = _read(node) if node is not None and _reachable(node) else None
         available = parse_meminfo((sections or {}).get("meminfo", "")).get("MemAvailable")
-        if available is None or available >= fp.total:
+        if available is None or available >= fp.peak:
+            continue
+        if available >= fp.total:
+            warnings.append(
+                f"{name}: {_size(available)} of memory available: enough to serve {model_name}, but receiving its "
+                f"{_size(fp.weights)} slice the first time needs about {_size(fp.peak)} at once (the received slice and "
+                f"the copies bound from it); loads from its slice cache (worker_cache_dir) need {_size(fp.total)}")
             continue
         problems.append(
             f"{name}: {_size(available)} of memory available but its part of {model_name} needs "
             f"{_size(fp.total)} ({_size(fp.weights)} of weights as 1 of {len(order)} nodes, {_size(fp.kv_cache)} "
             f"KV cache for {positions} tokens, {_size(fp.runtime)} runtime): add nodes, lower api_max_seq_len, "
             "or free memory on it")
-    return problems
+    return problems, warnings
 
 
 def disk_problem(node, header, model_name: str, model_path: str) -> str | None:
@@ -439,8 +453,10 @@ def preflight_report(nodes, groups, repo_dir=None) -> dict:
             if "header" in model:
                 footprint = footprint_module()
                 workers = [w for w in groups.get("workers") or [] if w != root["name"]]
-                problems += memory_problems(nodes, [root["name"]] + workers, model["header"], model["name"],
-                                            root.get("max_seq_len"), footprint)
+                memory, memory_warnings = memory_problems(nodes, [root["name"]] + workers, model["header"],
+                                                          model["name"], root.get("max_seq_len"), footprint)
+                problems += memory
+                warnings += memory_warnings
                 line = disk_problem(root, model["header"], model["name"], str(root.get("model_path") or ""))
                 if line:
                     problems.append(line)

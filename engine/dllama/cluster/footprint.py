@@ -23,9 +23,9 @@ HEADER_PROBE_BYTES = header_size(MAX_HEADER_PAIRS)
 # The KV cache holds float32 keys and values (native/forward.cpp: key_cache_, value_cache_).
 KV_BYTES = 4
 # What a node needs besides weights and KV cache: the Python interpreter with numpy and the
-# native core, the forward pass's activation buffers (a few MB at 128-token batches), the API
-# server on the root. Measured at ~60-110 MB RSS on x86_64 with the tiny model.
-RUNTIME_MARGIN_BYTES = 150 * 1000 * 1000
+# native core (~35 MiB RSS on x86_64), the forward pass's activation buffers (a few MiB at
+# 128-token batches), the API server's modules on the root.
+RUNTIME_MARGIN_BYTES = 150 << 20
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,27 @@ class ModelHeader:
 
 @dataclass(frozen=True)
 class NodeFootprint:
-    """Memory one node of a cluster needs for a model, in bytes."""
+    """Memory one node of a cluster needs for a model, in bytes.
 
-    weights: int  # every tensor slice the node binds (Q40 matrices are copied into its memory)
-    kv_cache: int  # keys and values of every layer for max_seq_len positions
+    `total` is what the node holds while it serves: every tensor slice it binds (Q40 matrices
+    are copied into its memory; the root reads F32 tensors such as the embedding in place from
+    the file's pages, which this counts too), its KV cache and the runtime. `peak` is more on a
+    worker that receives its slice (no cached copy): the received buffer and the copies bound
+    from it live side by side until its model is built (cluster/worker.py, Worker.build).
+    """
+
+    weights: int
+    kv_cache: int
     runtime: int = RUNTIME_MARGIN_BYTES
+    receive_buffer: int = 0
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.runtime
+
+    @property
+    def peak(self) -> int:
+        return self.total + self.receive_buffer
 
 
 def read_header(data: bytes, where: str, file_size: int | None = None) -> ModelHeader:
@@ -79,8 +91,9 @@ def node_footprints(header: ModelHeader, weights: Sequence[float], max_seq_len: 
     layout = SimpleNamespace(config=config, tensors=_layout_infos(config, header.header_size))
     positions = max_seq_len_of(config, max_seq_len)
     out = []
-    for node in plan_slices(config, weights):
+    for i, node in enumerate(plan_slices(config, weights)):
         held = sum(t.nbytes for t in node_tensors(layout, node))
         kv_dim = (node.kv_heads[1] - node.kv_heads[0]) * config.head_dim
-        out.append(NodeFootprint(held, 2 * config.n_layers * positions * kv_dim * KV_BYTES))
+        out.append(NodeFootprint(held, 2 * config.n_layers * positions * kv_dim * KV_BYTES,
+                                 receive_buffer=held if i else 0))
     return out
