@@ -101,7 +101,7 @@ $(WHEELHOUSE)/.built: $(VENV)/.build-deps $(WHEELHOUSE_INPUTS)
 
 # The appliance's playbooks and roles: ansible-lint's strictest profile (it runs yamllint too).
 lint: deps
-	$(VENV)/bin/ansible-lint --offline --profile production site.yml ansible/health.yml ansible/requirements.yml roles
+	$(VENV)/bin/ansible-lint --offline --profile production site.yml ansible/health.yml ansible/preflight.yml ansible/requirements.yml roles
 
 # The appliance end to end: three Debian VMs (software emulation; `E2E_ARGS=--kvm` on KVM hosts)
 # in a network namespace, provisioned by site.yml and checked by tests/infra. Needs root. The
