@@ -1,12 +1,13 @@
 """The rules of ansible/preflight.yml: what must hold of the inventory and the boards before
 site.yml changes anything. One function per rule, each returning the problems it finds as lines
-"HOST: what is wrong: the fix"; `preflight_report` runs them all.
+"HOST: what is wrong: the fix" (lines about several nodes name them sorted); `preflight_report`
+runs them all.
 
     {{ nodes | preflight_report(groups, repo_dir) }}
         -> {'problems': [...], 'warnings': [...], 'summary': 'preflight: 4 nodes OK'}
 
 `nodes` is one dict per host, as ansible/preflight.yml puts it together (its settings, its
-`setup` result and the output of its one shell read, see READ_SCRIPT there); every key but
+`setup` result and the output of its one shell read, preflight_read_script); every key but
 `name` may be missing. The model's size and each node's share of it come from the engine's own
 code (engine/dllama/cluster/footprint.py, numpy-free), imported from this repository.
 """
@@ -33,10 +34,12 @@ URL_TIMEOUT = 15  # seconds for the HTTP Range request of a model's header
 # -- helpers -------------------------------------------------------------------------------------
 
 def _size(n: int | float) -> str:
-    """Bytes for people: MiB below a GiB, GiB with one decimal above."""
+    """Bytes for people: KiB below a MiB, MiB below a GiB, GiB with one decimal above."""
     if n >= 1 << 30:
         return f"{n / (1 << 30):.1f} GiB"
-    return f"{max(0, round(n / (1 << 20)))} MiB"
+    if n >= 1 << 20:
+        return f"{round(n / (1 << 20))} MiB"
+    return f"{max(0, round(n / 1024))} KiB"
 
 
 def _first_line(text, limit: int = 200) -> str:
@@ -131,7 +134,7 @@ def group_problems(groups) -> list[str]:
         problems.append("no node in group root: put exactly one node under cluster: children: root: hosts: "
                         "(it holds the model and runs dllama-api)")
     elif len(roots) > 1:
-        problems.append(f"{len(roots)} nodes in group root ({', '.join(roots)}): keep exactly one there "
+        problems.append(f"{len(roots)} nodes in group root ({', '.join(sorted(roots))}): keep exactly one there "
                         "and move the others to workers")
     for host in roots:
         if host in workers:
@@ -183,13 +186,13 @@ def address_problems(nodes) -> list[str]:
                                 f'set dllama_gateway to an address in {net}, or "" for none')
     for address, names in by_address.items():
         if len(names) > 1:
-            problems.append(f"{', '.join(names)}: the same cluster address {address}: "
+            problems.append(f"{', '.join(sorted(names))}: the same cluster address {address}: "
                             "give every node its own dllama_address (or ansible_host)")
     subnets: dict[str, list[str]] = {}
     for name, net in networks.items():
         subnets.setdefault(str(net), []).append(name)
     if len(subnets) > 1:
-        listed = "; ".join(f"{net} ({', '.join(names)})" for net, names in subnets.items())
+        listed = "; ".join(f"{net} ({', '.join(sorted(names))})" for net, names in sorted(subnets.items()))
         problems.append(f"nodes in different subnets: {listed}: put every node in one subnet "
                         "(the same dllama_prefix, addresses that share it)")
     return problems
@@ -291,7 +294,7 @@ def interface_problems(nodes) -> tuple[list[str], list[str]]:
                             f"{node.get('mtu')}: set dllama_mtu: {fits} for every node (all nodes need the same "
                             "MTU) or replace the board")
     if len(mtus) > 1:
-        listed = "; ".join(f"{mtu} ({', '.join(names)})" for mtu, names in sorted(mtus.items()))
+        listed = "; ".join(f"{mtu} ({', '.join(sorted(names))})" for mtu, names in sorted(mtus.items()))
         problems.append(f"nodes with different dllama_mtu: {listed}: set one dllama_mtu for every node "
                         "(frames larger than a peer's MTU are dropped)")
     return problems, warnings
