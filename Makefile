@@ -7,7 +7,7 @@ OUT ?= out
 NTHREADS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test unit bench install deps system-deps lint e2e clean wheelhouse
+.PHONY: demo test unit bench install deps system-deps lint e2e clean wheelhouse wheelhouse-deps FORCE
 
 # The Python environment. Build tools first (the package is built without isolation, so the
 # native core's build directory is reused between runs): all `make wheelhouse` needs, so an
@@ -56,47 +56,104 @@ unit: system-deps install
 bench: install
 	$(PY) tests/bench.py --nthreads $(NTHREADS)
 
-# The engine for nodes with no internet: for each node architecture, the dependencies' wheels
-# (manylinux, CPython $(WHEELHOUSE_PYTHON) as on Debian bookworm), uv (the installer the engine role
-# runs on the node), our source distribution, and our wheel for this machine's architecture when
-# this Python matches; ARCH.tar is what the engine role unpacks on a node (byte-identical when
-# nothing changed, so a second run sends nothing).
+# The engine for nodes with no internet: one directory and one archive per node kind,
+# ARCH-cpXY, the architecture as `uname -m` (and Ansible's ansible_facts.architecture) names it
+# and the node's Python (Debian and Raspberry Pi OS bookworm: 3.11, trixie: 3.13):
+#
+#   out/wheelhouse/x86_64-cp311/   x86_64-cp311.tar    (the archive holds the directory's files)
+#   out/wheelhouse/x86_64-cp313/   x86_64-cp313.tar
+#   out/wheelhouse/aarch64-cp311/  aarch64-cp311.tar
+#   out/wheelhouse/aarch64-cp313/  aarch64-cp313.tar
+#
+# each holding our wheel for it (dllama_cluster-VERSION-cpXY-cpXY-linux_ARCH.whl), the
+# dependencies' manylinux wheels for that Python and architecture (glibc up to bookworm's 2.36)
+# and uv's wheel (the installer the engine role runs on the node); the role unpacks the one that
+# matches a node, so nodes never compile and never reach a package index. Our wheels are built
+# here: the package from scikit-build-core (pure Python, no CMake run), the native core by
+# packaging/build-extension for each kind (aarch64 cross-compiled with Debian's
+# g++-aarch64-linux-gnu, NEON kernels included) against the headers of Debian's own Python of that
+# release (packaging/python-headers: downloaded once into $(WHEELHOUSE_BUILD) with a private apt
+# configuration, nothing installed), libstdc++ linked in; packaging/assemble-wheel.py puts them
+# together. The same sources give byte-identical wheels and archives (SOURCE_DATE_EPOCH, no
+# paths of this machine in the binaries, sorted entries), so a node reinstalls only when the
+# engine really changed. The compile trees stay in $(WHEELHOUSE_BUILD): a rebuild compiles only
+# what changed.
+#
+# Building on the node is opt-in, for kinds with no wheel here: `make wheelhouse
+# WHEELHOUSE_SOURCE="aarch64-cp312"` adds ARCH-cpXY-source/ and .tar with our source
+# distribution, the build requirements and the dependencies (as binary wheels, so PyPI must have
+# them for that kind), used by the role only where the inventory sets engine_build_from_source.
 WHEELHOUSE ?= $(OUT)/wheelhouse
+WHEELHOUSE_BUILD ?= build/wheelhouse
+WHEELHOUSE_HEADERS ?= $(WHEELHOUSE_BUILD)/python-headers
 WHEELHOUSE_ARCHS ?= x86_64 aarch64
-WHEELHOUSE_PYTHON ?= 3.11
-HOST_ARCH := $(shell uname -m)
+WHEELHOUSE_PYTHONS ?= 3.11 3.13
+WHEELHOUSE_SOURCE ?=
+WHEELHOUSE_KINDS := $(foreach a,$(WHEELHOUSE_ARCHS),$(foreach p,$(WHEELHOUSE_PYTHONS),$(a)-cp$(subst .,,$(p))))
 MANYLINUX_PLATFORMS = $(foreach v,$(shell seq 17 36),--platform manylinux_2_$(v)_$(1))
 BUILD_REQUIREMENTS := scikit-build-core pybind11 cmake ninja
-# The same sources give the same archives (nodes reinstall only when the wheelhouse changed).
-SOURCE_DATE_EPOCH := $(shell git log -1 --format=%ct 2>/dev/null || echo 315532800)
+# The same sources give the same archives (nodes reinstall only when the wheelhouse changed):
+# every timestamp is that of the last commit of what goes into the wheels.
+SOURCE_DATE_EPOCH := $(or $(shell git log -1 --format=%ct -- pyproject.toml README.md engine native packaging 2>/dev/null),315532800)
 
-# Rebuilt only when what goes into it changed (the sdist carries the README).
-WHEELHOUSE_INPUTS := pyproject.toml README.md Makefile $(shell find engine native -type f -not -name '*.pyc' 2>/dev/null)
+# Rebuilt only when what goes into it changed (the wheels' metadata carries the README), or
+# when it is asked for other node kinds.
+WHEELHOUSE_INPUTS := pyproject.toml README.md Makefile $(shell find engine native packaging -type f -not -name '*.pyc' 2>/dev/null)
+WHEELHOUSE_CONFIG := $(WHEELHOUSE_KINDS) source: $(WHEELHOUSE_SOURCE)
+
+# One node kind's dependencies and uv, as binary wheels (no package is built here or on the node),
+# plus $(4), then its archive: $(call wheelhouse_fill,DIR,ARCH,X.Y,EXTRA)
+wheelhouse_fill = $(PIP) download -q --dest $(1) --only-binary=:all: --implementation cp \
+	  --python-version $(3) $(call MANYLINUX_PLATFORMS,$(2)) -r $(WHEELHOUSE)/requirements.txt uv $(4) \
+	  && tar -C $(1) --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --mode=a+rX,u+w,go-w \
+	    -cf $(1).tar .
 
 wheelhouse: $(WHEELHOUSE)/.built
 
-$(WHEELHOUSE)/.built: $(VENV)/.build-deps $(WHEELHOUSE_INPUTS)
-	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)/dist
+# The compilers for the kinds' architectures (g++-aarch64-linux-gnu on this x86 machine) and what
+# fetches Debian's headers; cmake and ninja come from PyPI into the venv.
+wheelhouse-deps:
+	@missing=; for arch in $(WHEELHOUSE_ARCHS); do \
+	  if [ $$arch = "$$(uname -m)" ]; then cxx=g++ pkg=g++; \
+	  else cxx=$$arch-linux-gnu-g++ pkg=g++-$$(echo $$arch | tr _ -)-linux-gnu; fi; \
+	  command -v $$cxx >/dev/null || missing="$$missing $$pkg"; done; \
+	command -v dpkg-deb >/dev/null && [ -r /usr/share/keyrings/debian-archive-keyring.gpg ] \
+	  || missing="$$missing dpkg debian-archive-keyring"; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+# The kinds asked for, remembered: asking for others rebuilds.
+$(WHEELHOUSE)/.config: FORCE
+	@mkdir -p $(@D) && echo '$(WHEELHOUSE_CONFIG)' | cmp -s - $@ || echo '$(WHEELHOUSE_CONFIG)' > $@
+
+$(WHEELHOUSE)/.built: $(VENV)/.build-deps $(WHEELHOUSE_INPUTS) $(WHEELHOUSE)/.config | wheelhouse-deps
+	find $(WHEELHOUSE) -mindepth 1 -maxdepth 1 ! -name .config -exec rm -rf {} +
+	mkdir -p $(WHEELHOUSE)/dist
 	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
 	  > $(WHEELHOUSE)/requirements.txt
-	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
-	  $(PY) -c "from scikit_build_core.build import build_sdist; build_sdist('$(WHEELHOUSE)/dist')"
-	if [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(WHEELHOUSE_PYTHON)" ]; then \
-	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
-	    $(PIP) wheel -q --no-build-isolation --no-deps --wheel-dir $(WHEELHOUSE)/dist . ; fi
-	set -e; for arch in $(WHEELHOUSE_ARCHS); do \
-	  mkdir -p $(WHEELHOUSE)/$$arch; \
-	  cp $(WHEELHOUSE)/dist/*.tar.gz $(WHEELHOUSE)/$$arch/; \
-	  extra="$(BUILD_REQUIREMENTS)"; \
-	  if [ $$arch = $(HOST_ARCH) ] && ls $(WHEELHOUSE)/dist/*.whl >/dev/null 2>&1; then \
-	    cp $(WHEELHOUSE)/dist/*.whl $(WHEELHOUSE)/$$arch/; extra=; fi; \
-	  $(PIP) download -q --dest $(WHEELHOUSE)/$$arch --only-binary=:all: --implementation cp \
-	    --python-version $(WHEELHOUSE_PYTHON) $(call MANYLINUX_PLATFORMS,$$arch) \
-	    -r $(WHEELHOUSE)/requirements.txt uv $$extra; \
-	  tar -C $(WHEELHOUSE)/$$arch --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
-	    -cf $(WHEELHOUSE)/$$arch.tar .; \
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PIP) wheel -q --no-build-isolation --no-deps \
+	  --config-settings=wheel.cmake=false --config-settings=build-dir=$(WHEELHOUSE_BUILD)/pure \
+	  --wheel-dir $(WHEELHOUSE)/dist .
+	set -e; for kind in $(WHEELHOUSE_KINDS); do \
+	  arch=$${kind%-cp*}; xy=$${kind##*-cp}; python=$${xy%$${xy#?}}.$${xy#?}; \
+	  echo "$$kind: compiling"; \
+	  include=$$(packaging/python-headers $$arch $$python $(WHEELHOUSE_HEADERS)/$$kind); \
+	  extension=$$(PATH="$(abspath $(VENV))/bin:$$PATH" PYTHON=$(PY) \
+	    packaging/build-extension $$arch $$python $$include $(WHEELHOUSE_BUILD)/$$kind); \
+	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) packaging/assemble-wheel.py \
+	    $(WHEELHOUSE)/dist/*-py3-none-any.whl $$extension cp$$xy-cp$$xy-linux_$$arch $(WHEELHOUSE)/$$kind >/dev/null; \
+	  $(call wheelhouse_fill,$(WHEELHOUSE)/$$kind,$$arch,$$python); \
 	done
-	@for arch in $(WHEELHOUSE_ARCHS); do echo "$(WHEELHOUSE)/$$arch:"; ls $(WHEELHOUSE)/$$arch | sed 's/^/  /'; done
+	set -e; if [ -n "$(WHEELHOUSE_SOURCE)" ]; then \
+	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) \
+	    $(PY) -c "from scikit_build_core.build import build_sdist; build_sdist('$(WHEELHOUSE)/dist')" >/dev/null; fi; \
+	for kind in $(WHEELHOUSE_SOURCE); do \
+	  arch=$${kind%-cp*}; xy=$${kind##*-cp}; python=$${xy%$${xy#?}}.$${xy#?}; \
+	  mkdir -p $(WHEELHOUSE)/$$kind-source && cp $(WHEELHOUSE)/dist/*.tar.gz $(WHEELHOUSE)/$$kind-source/; \
+	  $(call wheelhouse_fill,$(WHEELHOUSE)/$$kind-source,$$arch,$$python,$(BUILD_REQUIREMENTS)); \
+	done
+	@for kind in $(WHEELHOUSE_KINDS) $(addsuffix -source,$(WHEELHOUSE_SOURCE)); do \
+	  echo "$(WHEELHOUSE)/$$kind.tar:"; ls $(WHEELHOUSE)/$$kind | sed 's/^/  /'; done
 	touch $@
 
 # The appliance's playbooks and roles: ansible-lint's strictest profile (it runs yamllint too).

@@ -1,0 +1,86 @@
+"""Our wheel for one node kind: the pure-Python wheel scikit-build-core builds (the package and
+its metadata, with no CMake run) plus the extension packaging/build-extension compiled for that
+kind, under the kind's tag.
+
+    python3 packaging/assemble-wheel.py PURE_WHEEL EXTENSION TAG OUT_DIR
+
+EXTENSION goes into the package directory under its own name (_core.cpython-313-aarch64-linux-gnu.so),
+WHEEL says Root-Is-Purelib: false and Tag: TAG, RECORD is written anew. Deterministic: entries
+sorted (the .dist-info last, RECORD at its end, as wheels have it), every timestamp
+SOURCE_DATE_EPOCH, fixed permissions and compression, so the same inputs give the same bytes
+(nodes reinstall only when the wheelhouse really changed). Prints the wheel's path.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+ZIP_EPOCH = 315532800  # 1980-01-01, the earliest time a zip entry can hold
+
+
+def record_hash(data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"sha256={digest}"
+
+
+def wheel_metadata(text: str, tag: str) -> str:
+    """The template's WHEEL file with its tags replaced: a platform wheel now."""
+    lines = [line for line in text.splitlines() if line and not line.startswith(("Tag:", "Root-Is-Purelib:"))]
+    return "\n".join(lines + ["Root-Is-Purelib: false", f"Tag: {tag}"]) + "\n"
+
+
+def assemble(pure: Path, extension: Path, tag: str, out_dir: Path) -> Path:
+    name, version = pure.name.split("-")[:2]
+    dist_info = f"{name}-{version}.dist-info"
+    files: dict[str, tuple[bytes, int]] = {}
+    with zipfile.ZipFile(pure) as zf:
+        for info in zf.infolist():
+            if info.is_dir() or info.filename in (f"{dist_info}/RECORD", f"{dist_info}/WHEEL"):
+                continue
+            mode = (info.external_attr >> 16) & 0o777 or 0o644
+            files[info.filename] = (zf.read(info), mode)
+        wheel = wheel_metadata(zf.read(f"{dist_info}/WHEEL").decode(), tag)
+    package = next(p.split("/")[0] for p in files if not p.startswith(dist_info))
+    if any(Path(p).name.startswith("_core.") for p in files):
+        raise SystemExit(f"{pure}: already holds an extension; expected the pure-Python wheel")
+    files[f"{package}/{extension.name}"] = (extension.read_bytes(), 0o755)
+    files[f"{dist_info}/WHEEL"] = (wheel.encode(), 0o644)
+
+    order = sorted(files, key=lambda p: (p.startswith(dist_info + "/"), p))
+    record = "".join(f"{p},{record_hash(files[p][0])},{len(files[p][0])}\n" for p in order)
+    record += f"{dist_info}/RECORD,,\n"
+    files[f"{dist_info}/RECORD"] = (record.encode(), 0o644)
+    order.append(f"{dist_info}/RECORD")
+
+    epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", ZIP_EPOCH)), ZIP_EPOCH)
+    date_time = time.gmtime(epoch)[:6]
+    out = out_dir / f"{name}-{version}-{tag}.whl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    with zipfile.ZipFile(partial, "w") as zf:
+        for path in order:
+            data, mode = files[path]
+            info = zipfile.ZipInfo(path, date_time)
+            info.create_system = 3  # Unix, so the permissions below are read
+            info.external_attr = (0o100000 | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, data, compresslevel=6)
+    partial.replace(out)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 4:
+        raise SystemExit(__doc__)
+    pure, extension, tag, out_dir = argv
+    print(assemble(Path(pure), Path(extension), tag, Path(out_dir)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
