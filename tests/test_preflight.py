@@ -163,17 +163,31 @@ def test_the_wheel_for_the_node_s_architecture_and_python(tmp_path):
     ok = board("a", wheelhouse=str(wheelhouse))
     trixie = board("pi-worker3", wheelhouse=str(wheelhouse),
                    facts=facts(major="13", release="trixie", arch="aarch64", py=(3, 13)))
-    assert rules.wheel_problem(ok, tmp_path) is None
+    assert rules.wheel_problem(ok, ROOT) is None
     assert rules.wheel_problem(trixie, tmp_path) == (
         "pi-worker3: Debian 13 (trixie), Python 3.13, aarch64: no wheel in out/wheelhouse (aarch64-cp313.tar): "
         "run `make wheelhouse` on the controller")
-    trixie["build_from_source"] = "True"
-    assert rules.wheel_problem(trixie, tmp_path) is None
+    kinds = ", ".join(rules.wheel_kinds())
     jammy = board("u", wheelhouse=str(wheelhouse), facts=facts("Ubuntu", "22", "jammy", py=(3, 10)))
     assert rules.wheel_problem(jammy, tmp_path) == (
         "u: Ubuntu 22 (jammy), Python 3.10, x86_64: no wheel in out/wheelhouse (x86_64-cp310.tar): supported are "
-        "Debian / Raspberry Pi OS 12 (bookworm) and 13 (trixie) (`make wheelhouse` builds for those): reinstall "
-        "the board with one of them, or set engine_build_from_source: true for it")
+        f"Debian / Raspberry Pi OS 12 (bookworm) and 13 (trixie); `make wheelhouse` builds {kinds} only: reinstall "
+        "the board with one of those releases, or set engine_build_from_source: true for it and run "
+        "`make wheelhouse WHEELHOUSE_SOURCE=x86_64-cp310`")
+    armhf = board("pi-zero", wheelhouse=str(wheelhouse), facts=facts(arch="armv7l"))
+    assert rules.wheel_problem(armhf, tmp_path).startswith(
+        "pi-zero: Debian 12 (bookworm), Python 3.11, armv7l: no wheel in out/wheelhouse (armv7l-cp311.tar): "
+        f"`make wheelhouse` builds {kinds} only: ")
+    jammy["build_from_source"] = "True"
+    assert rules.wheel_problem(jammy, tmp_path) == (
+        "u: Ubuntu 22 (jammy), Python 3.10, x86_64: no source archive in out/wheelhouse (x86_64-cp310-source.tar, "
+        "engine_build_from_source): run `make wheelhouse WHEELHOUSE_SOURCE=x86_64-cp310` on the controller")
+    (wheelhouse / "x86_64-cp310-source.tar").touch()
+    assert rules.wheel_problem(jammy, tmp_path) is None
+
+
+def test_the_kinds_make_wheelhouse_builds_are_the_engine_role_s():
+    assert set(rules.wheel_kinds()) >= {"x86_64-cp311", "aarch64-cp311", "aarch64-cp313"}
 
 
 def test_an_unreachable_node_is_a_problem_with_ssh_s_complaint():
@@ -479,7 +493,7 @@ def test_a_bad_inventory_fails_with_one_line_per_problem(tmp_path, mitogen):
 
 
 def test_memory_and_disk_for_a_model_too_large_for_this_machine(tmp_path):
-    # A 1.5 TiB dense model (a sparse file): no node of a test machine has that much memory or disk.
+    # A 1.7 TiB dense model (a sparse file): no node of a test machine has that much memory or disk.
     huge = ModelConfig(arch=Arch.QWEN3, dim=4096, hidden_dim=524288, n_layers=512, n_heads=32, n_kv_heads=8,
                        vocab_size=32000, seq_len=32768, weight_type=FloatType.Q40)
     write_model(tmp_path / "huge.m", huge)
@@ -492,7 +506,7 @@ def test_memory_and_disk_for_a_model_too_large_for_this_machine(tmp_path):
     found = preflight_e2e.problem_lines(out)
     size = r"\d+(\.\d)? (GiB|MiB)"
     memory = [re.compile(rf"{n}: {size} of memory available but its part of huge\.m needs {size} \({size} of weights "
-                         rf"as 1 of 3 nodes, 64 MiB KV cache for 1024 tokens, 150 MiB runtime\): add nodes, lower "
+                         rf"as 1 of 3 nodes, {size} KV cache for 1024 tokens, 150 MiB runtime\): add nodes, lower "
                          r"api_max_seq_len, or free memory on it") for n in ("n-root", "n-w1", "n-w2")]
     disk = re.compile(rf"n-root: {size} free on .+ but {re.escape(str(tmp_path))}/on-the-root/models/huge\.m needs "
                       r"1\d\d\d\.\d GiB \(huge\.m\): free space there or set dllama_model_path to a larger filesystem")

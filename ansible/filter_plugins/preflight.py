@@ -28,6 +28,8 @@ PREFIX_RANGE = (8, 30)
 SUPPORTED_RELEASES = {"12": "bookworm", "13": "trixie"}
 SUPPORTED_TEXT = "Debian / Raspberry Pi OS 12 (bookworm) and 13 (trixie)"
 SUPPORTED_DISTRIBUTIONS = ("Debian", "Raspbian")
+# The kinds `make wheelhouse` builds when roles/engine/vars/main.yml cannot be read.
+DEFAULT_WHEEL_KINDS = ("x86_64-cp311", "x86_64-cp313", "aarch64-cp311", "aarch64-cp313")
 URL_TIMEOUT = 15  # seconds for the HTTP Range request of a model's header
 
 
@@ -228,19 +230,34 @@ def supported_os(facts) -> bool:
             or facts.get("distribution_release") in SUPPORTED_RELEASES.values())
 
 
-def wheel_name(facts) -> str:
+def node_kind(facts) -> str:
+    """ARCH-cpXY: what the engine role names a node's wheelhouse archive after."""
     version = (facts.get("python") or {}).get("version") or {}
-    return f"{facts.get('architecture')}-cp{version.get('major')}{version.get('minor')}.tar"
+    return f"{facts.get('architecture')}-cp{version.get('major')}{version.get('minor')}"
+
+
+def wheel_kinds(repo_dir: str | os.PathLike = REPO) -> list[str]:
+    """The node kinds `make wheelhouse` builds wheels for, as the engine role lists them
+    (roles/engine/vars/main.yml, engine__wheel_kinds)."""
+    try:
+        import yaml
+
+        kinds = yaml.safe_load((Path(repo_dir) / "roles/engine/vars/main.yml").read_text())["engine__wheel_kinds"]
+        if isinstance(kinds, list) and all(isinstance(k, str) for k in kinds):
+            return kinds
+    except (ImportError, OSError, KeyError, TypeError, ValueError):
+        pass
+    return list(DEFAULT_WHEEL_KINDS)
 
 
 def wheel_problem(node, repo_dir: str | os.PathLike = REPO) -> str | None:
-    """The wheelhouse holds no archive for the node's architecture and Python (unless the node
-    builds the engine from source)."""
-    if _truthy(node.get("build_from_source")):
-        return None
+    """The wheelhouse holds no archive for the node's kind (ARCH-cpXY.tar; ARCH-cpXY-source.tar for
+    a node that builds the engine from source, engine_build_from_source)."""
     facts = _facts(node)
+    kind = node_kind(facts)
+    source = _truthy(node.get("build_from_source"))
+    tar = f"{kind}-source.tar" if source else f"{kind}.tar"
     wheelhouse = Path(os.path.expanduser(str(node.get("wheelhouse") or Path(repo_dir) / "out" / "wheelhouse")))
-    tar = wheel_name(facts)
     if (wheelhouse / tar).is_file():
         return None
     try:
@@ -249,11 +266,17 @@ def wheel_problem(node, repo_dir: str | os.PathLike = REPO) -> str | None:
         shown = wheelhouse
     version = (facts.get("python") or {}).get("version") or {}
     python = f"Python {version.get('major')}.{version.get('minor')}"
-    what = f"{node['name']}: {os_text(facts)}, {python}, {facts.get('architecture')}: no wheel in {shown} ({tar})"
-    if supported_os(facts):
+    what = f"{node['name']}: {os_text(facts)}, {python}, {facts.get('architecture')}: no "
+    what += f"source archive in {shown} ({tar}, engine_build_from_source)" if source else f"wheel in {shown} ({tar})"
+    kinds = wheel_kinds(repo_dir)
+    if source:
+        return f"{what}: run `make wheelhouse WHEELHOUSE_SOURCE={kind}` on the controller"
+    if kind in kinds:
         return f"{what}: run `make wheelhouse` on the controller"
-    return (f"{what}: supported are {SUPPORTED_TEXT} (`make wheelhouse` builds for those): reinstall the "
-            "board with one of them, or set engine_build_from_source: true for it")
+    release = "" if supported_os(facts) else f"supported are {SUPPORTED_TEXT}; "
+    return (f"{what}: {release}`make wheelhouse` builds {', '.join(kinds)} only: reinstall the board with one of "
+            f"those releases, or set engine_build_from_source: true for it and run "
+            f"`make wheelhouse WHEELHOUSE_SOURCE={kind}`")
 
 
 def interface_problems(nodes) -> tuple[list[str], list[str]]:
