@@ -529,7 +529,7 @@ def test_site_yml_stops_in_the_preflight_before_any_role(tmp_path):
 
     lines = preflight_e2e.check_bad_inventory(good, run, tmp_path / "inv", unreachable=True)
     assert len(lines) == 6 and ran == [tmp_path / "inv" / "hosts-bad.yml"]
-    assert any(line.startswith("cannot reach ghost-worker at 10.0.0.254: ") for line in lines), lines
+    assert any(line.startswith("cannot reach ghost-worker at 10.0.0.253: ") for line in lines), lines
 
 
 def test_the_e2e_helper_complains_about_a_missing_line_and_a_change(tmp_path):

@@ -42,9 +42,12 @@ def _var(name: str, host: dict, cluster_vars: dict, default=None):
     return (host or {}).get(name, cluster_vars.get(name, default))
 
 
-def bad_inventory(good_inventory_text: str, unreachable: bool = True) -> tuple[str, list[str | re.Pattern]]:
+def bad_inventory(good_inventory_text: str, unreachable: bool = True, ghost_address: str | None = None
+                  ) -> tuple[str, list[str | re.Pattern]]:
     """The bad variant of an inventory (YAML text) and the problem lines preflight must print
-    for it: strings for exact lines, compiled patterns for lines with machine-dependent parts."""
+    for it: strings for exact lines, compiled patterns for lines with machine-dependent parts.
+    The node that does not answer is at ghost_address, by default the highest address of the
+    subnet below the last one (often the gateway's or the controller's) that no node has."""
     inventory = yaml.safe_load(good_inventory_text)
     bad = copy.deepcopy(inventory)
     cluster = bad["cluster"]
@@ -91,7 +94,7 @@ def bad_inventory(good_inventory_text: str, unreachable: bool = True) -> tuple[s
     ]
     if unreachable:
         used = {ipaddress.IPv4Address(address(n, h)) for g in (roots, workers) for n, h in g.items()}
-        ghost_address = next(a for a in reversed(list(network.hosts())) if a not in used)
+        ghost_address = ghost_address or next(a for a in reversed(list(network.hosts())[:-1]) if a not in used)
         ghost = "ghost-worker"
         workers[ghost] = {"ansible_host": str(ghost_address), "ansible_connection": "ssh"}
         names.append(ghost)
@@ -154,11 +157,11 @@ def match_lines(found: list[str], expected: list[str | re.Pattern]) -> list[str]
 
 
 def check_bad_inventory(good_inventory_text: str, run_playbook: Callable[[Path], tuple[int, str]],
-                        directory: Path, unreachable: bool = True) -> list[str]:
+                        directory: Path, unreachable: bool = True, ghost_address: str | None = None) -> list[str]:
     """Writes the bad variant to directory/hosts-bad.yml, runs `run_playbook(path)` (which runs
     `ansible-playbook -i path site.yml` and returns (rc, output)) and checks that it failed in
     the preflight with exactly the expected lines and changed nothing. Returns the lines."""
-    text, expected = bad_inventory(good_inventory_text, unreachable)
+    text, expected = bad_inventory(good_inventory_text, unreachable, ghost_address)
     path = Path(directory) / "hosts-bad.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
