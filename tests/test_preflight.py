@@ -178,6 +178,11 @@ def test_the_wheel_for_the_node_s_architecture_and_python(tmp_path):
     assert rules.wheel_problem(armhf, tmp_path).startswith(
         "pi-zero: Debian 12 (bookworm), Python 3.11, armv7l: no wheel in out/wheelhouse (armv7l-cp311.tar): "
         f"`make wheelhouse` builds {kinds} only: ")
+    pyenv = board("p", wheelhouse=str(wheelhouse), facts=facts(py=(3, 12)))
+    assert rules.wheel_problem(pyenv, tmp_path) == (
+        "p: Debian 12 (bookworm), Python 3.12, x86_64: no wheel in out/wheelhouse (x86_64-cp312.tar): Ansible runs "
+        "another Python there than the release's: set ansible_python_interpreter: /usr/bin/python3 (the engine's "
+        "venv is made from the system's Python)")
     jammy["build_from_source"] = "True"
     assert rules.wheel_problem(jammy, tmp_path) == (
         "u: Ubuntu 22 (jammy), Python 3.10, x86_64: no source archive in out/wheelhouse (x86_64-cp310-source.tar, "

@@ -273,6 +273,9 @@ def wheel_problem(node, repo_dir: str | os.PathLike = REPO) -> str | None:
         return f"{what}: run `make wheelhouse WHEELHOUSE_SOURCE={kind}` on the controller"
     if kind in kinds:
         return f"{what}: run `make wheelhouse` on the controller"
+    if supported_os(facts) and any(k.startswith(f"{facts.get('architecture')}-") for k in kinds):
+        return (f"{what}: Ansible runs another Python there than the release's: set ansible_python_interpreter: "
+                "/usr/bin/python3 (the engine's venv is made from the system's Python)")
     release = "" if supported_os(facts) else f"supported are {SUPPORTED_TEXT}; "
     return (f"{what}: {release}`make wheelhouse` builds {', '.join(kinds)} only: reinstall the board with one of "
             f"those releases, or set engine_build_from_source: true for it and run "
