@@ -123,3 +123,25 @@ def test_requirements_match_the_installed_ansible_bundle():
         manifest = base / name.replace(".", "/") / "MANIFEST.json"
         installed = json.loads(manifest.read_text())["collection_info"]["version"]
         assert installed == version, f"{name}: pinned {version}, the ansible package bundles {installed}"
+
+
+def test_engine_installs_no_package_and_builds_nothing_unless_a_node_opts_in():
+    # A node gets our wheel for its kind: apt runs only in the block that building from source
+    # opts in to, uv makes the venv (no python3-venv) and never builds a package otherwise.
+    def walk(items, conditions):
+        for item in items or []:
+            when = item.get("when", [])
+            scope = conditions + (when if isinstance(when, list) else [when])
+            yield item, scope
+            for key in ("block", "rescue", "always"):
+                yield from walk(item.get(key), scope)
+
+    found = list(walk(load(ROOT / "roles" / "engine" / "tasks" / "main.yml"), []))
+    apt = [(task, scope) for task, scope in found if "ansible.builtin.apt" in task]
+    assert apt
+    for task, scope in apt:
+        assert "engine_build_from_source | bool" in scope, task["name"]
+    text = (ROOT / "roles" / "engine" / "tasks" / "main.yml").read_text()
+    assert "-m, venv" not in text and "- venv\n" in text
+    (install,) = [t for t, _ in found if t.get("name") == "Install the engine and its dependencies"]
+    assert "['--no-build']" in install["ansible.builtin.command"]["argv"]
