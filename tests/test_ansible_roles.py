@@ -90,8 +90,9 @@ def test_task_names_are_imperative_sentences(role):
         assert not name.endswith("."), name
 
 
-def test_site_yml_prepares_every_node_then_serves_by_group():
-    plays = load(ROOT / "site.yml")
+def test_site_yml_checks_first_then_prepares_every_node_then_serves_by_group():
+    preflight, *plays = load(ROOT / "site.yml")
+    assert preflight["ansible.builtin.import_playbook"] == "ansible/preflight.yml"
     layout = [(p["hosts"], [(r["role"], r.get("when")) for r in p["roles"]]) for p in plays]
     assert layout == [
         ("cluster", [("network", None), ("tuning", None), ("engine", None)]),
