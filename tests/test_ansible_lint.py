@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PLAYBOOKS = ["site.yml", "ansible/health.yml"]
+PLAYBOOKS = ["site.yml", "ansible/health.yml", "ansible/preflight.yml"]
 
 
 def tool(name):
