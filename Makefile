@@ -65,7 +65,7 @@ bench: install
 #   out/wheelhouse/aarch64-cp311/  aarch64-cp311.tar
 #   out/wheelhouse/aarch64-cp313/  aarch64-cp313.tar
 #
-# each holding our wheel for it (dllama_cluster-VERSION-cpXY-cpXY-linux_ARCH.whl), the
+# each holding our wheel for it (dllama_cluster-VERSION-cpXY-cpXY-manylinux_2_36_ARCH.whl), the
 # dependencies' manylinux wheels for that Python and architecture (glibc up to bookworm's 2.36)
 # and uv's wheel (the installer the engine role runs on the node); the role unpacks the one that
 # matches a node, so nodes never compile and never reach a package index. Our wheels are built
@@ -74,7 +74,7 @@ bench: install
 # g++-aarch64-linux-gnu, NEON kernels included) against the headers of Debian's own Python of that
 # release (packaging/python-headers: downloaded once into $(WHEELHOUSE_BUILD) with a private apt
 # configuration, nothing installed), libstdc++ linked in; packaging/assemble-wheel.py puts them
-# together. The same sources give byte-identical wheels and archives (SOURCE_DATE_EPOCH, no
+# together, tagged with the newest glibc the extension needs (2.36, this Debian's). The same sources give byte-identical wheels and archives (SOURCE_DATE_EPOCH, no
 # paths of this machine in the binaries, sorted entries), so a node reinstalls only when the
 # engine really changed. The compile trees stay in $(WHEELHOUSE_BUILD): a rebuild compiles only
 # what changed.
@@ -141,7 +141,7 @@ $(WHEELHOUSE)/.built: $(VENV)/.build-deps $(WHEELHOUSE_INPUTS) $(WHEELHOUSE)/.co
 	  extension=$$(PATH="$(abspath $(VENV))/bin:$$PATH" PYTHON=$(PY) \
 	    packaging/build-extension $$arch $$python $$include $(WHEELHOUSE_BUILD)/$$kind); \
 	  SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(PY) packaging/assemble-wheel.py \
-	    $(WHEELHOUSE)/dist/*-py3-none-any.whl $$extension cp$$xy-cp$$xy-linux_$$arch $(WHEELHOUSE)/$$kind >/dev/null; \
+	    $(WHEELHOUSE)/dist/*-py3-none-any.whl $$extension cp$$xy $(WHEELHOUSE)/$$kind >/dev/null; \
 	  $(call wheelhouse_fill,$(WHEELHOUSE)/$$kind,$$arch,$$python); \
 	done
 	set -e; if [ -n "$(WHEELHOUSE_SOURCE)" ]; then \

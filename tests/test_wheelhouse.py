@@ -97,7 +97,7 @@ def test_every_node_kind_has_an_archive_with_our_wheel_numpy_and_uv(wheelhouse, 
     arch, xy = split(kind)
     names = members(wheelhouse / f"{kind}.tar")
     assert names == sorted(p.name for p in (wheelhouse / kind).iterdir())
-    assert f"dllama_cluster-0.1.0-cp{xy}-cp{xy}-linux_{arch}.whl" in names
+    assert [n for n in names if re.fullmatch(rf"dllama_cluster-0\.1\.0-cp{xy}-cp{xy}-manylinux_2_\d+_{arch}\.whl", n)], names
     assert [n for n in names if re.fullmatch(rf"numpy-[\d.]+-cp{xy}-cp{xy}-(manylinux\w*_{arch}\.?)+whl", n)], names
     assert [n for n in names if re.fullmatch(rf"uv-[\d.]+-py3-none-.*manylinux\w*_{arch}.*\.whl", n)], names
     # nothing to build on a node: no source distribution, no build requirements
@@ -106,11 +106,18 @@ def test_every_node_kind_has_an_archive_with_our_wheel_numpy_and_uv(wheelhouse, 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_our_wheel_is_tagged_for_its_kind_and_its_record_holds(wheelhouse, kind):
+def test_our_wheel_is_tagged_for_its_kind_and_its_record_holds(wheelhouse, kind, tmp_path):
     arch, xy = split(kind)
+    # manylinux_2_N: N the newest glibc symbol version the extension needs, no newer than
+    # bookworm's 2.36 (the oldest release supported)
+    needs = re.findall(r"Name: GLIBC_2\.(\d+)", readelf("-V", str(extension(wheelhouse, kind, tmp_path))))
+    glibc = max(map(int, needs))
+    assert glibc <= 36
+    platform = f"manylinux_2_{glibc}_{arch}"
+    assert f"dllama_cluster-0.1.0-cp{xy}-cp{xy}-{platform}.whl" in os.listdir(wheelhouse / kind)
     with our_wheel(wheelhouse, kind) as whl:
         wheel = whl.read("dllama_cluster-0.1.0.dist-info/WHEEL").decode().splitlines()
-        assert f"Tag: cp{xy}-cp{xy}-linux_{arch}" in wheel
+        assert f"Tag: cp{xy}-cp{xy}-{platform}" in wheel
         assert "Root-Is-Purelib: false" in wheel
         assert [n for n in whl.namelist() if n.startswith("dllama/_core")] == \
             [f"dllama/_core.cpython-{xy}-{arch}-linux-gnu.so"]
