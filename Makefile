@@ -74,10 +74,11 @@ bench: install
 # g++-aarch64-linux-gnu, NEON kernels included) against the headers of Debian's own Python of that
 # release (packaging/python-headers: downloaded once into $(WHEELHOUSE_BUILD) with a private apt
 # configuration, nothing installed), libstdc++ linked in; packaging/assemble-wheel.py puts them
-# together, tagged with the newest glibc the extension needs (2.36, this Debian's). The same sources give byte-identical wheels and archives (SOURCE_DATE_EPOCH, no
-# paths of this machine in the binaries, sorted entries), so a node reinstalls only when the
-# engine really changed. The compile trees stay in $(WHEELHOUSE_BUILD): a rebuild compiles only
-# what changed.
+# together, tagged with the newest glibc the extension needs (2.36, this Debian's). The same
+# sources give byte-identical wheels and archives (SOURCE_DATE_EPOCH, no paths of this machine in
+# the binaries, sorted entries), so a node reinstalls only when the engine really changed. The
+# compile trees stay in $(WHEELHOUSE_BUILD): a rebuild compiles only what changed. On an arm64
+# controller the x86_64 wheels are the cross-compiled ones (g++-x86-64-linux-gnu).
 #
 # Building on the node is opt-in, for kinds with no wheel here: `make wheelhouse
 # WHEELHOUSE_SOURCE="aarch64-cp312"` adds ARCH-cpXY-source/ and .tar with our source
