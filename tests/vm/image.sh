@@ -1,51 +1,34 @@
 #!/usr/bin/env bash
-# The test VMs' base image: Debian bookworm (systemd, NetworkManager, openssh-server, python3 with
-# venv), built once with debootstrap and cached outside the repository.
+# The x86 test VMs' base image: Debian bookworm (systemd, NetworkManager, openssh-server, python3
+# with venv), built once with debootstrap and cached outside the repository.
 #
 #   tests/vm/image.sh            # prints the image directory (built on the first call, ~6 min)
 #
 # The cache (${DLLAMA_VM_CACHE:-~/.cache/dllama-vm}) holds one directory per version of this
-# script, named after its hash, so editing the script builds a new image and never reuses a stale
-# one. The directory holds:
+# script (and of image-lib.sh, which it shares with image-arm64.sh), image-amd64-<hash>, so
+# editing the script builds a new image and never reuses a stale one. The directory holds:
 #   base.qcow2                  the root file system (ext4, no partition table: root=/dev/vda)
 #   vmlinuz, initrd.img         for direct kernel boot (the initrd carries only virtio and ext4)
 #   id_ed25519, id_ed25519.pub  the key root logs in with (root has no password)
 #
+# The mirror is this machine's Debian archive (packaging/debian-mirror; DLLAMA_VM_MIRROR overrides).
 # Each VM takes its management address and name from its kernel command line,
 # `dllama.addr=10.77.0.11/24 dllama.hostname=vm-root`: a oneshot unit writes a NetworkManager
 # profile for eth0 from them before NetworkManager starts. Needs root (debootstrap, chroot).
 set -euo pipefail
 
 SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
-CACHE="${DLLAMA_VM_CACHE:-$HOME/.cache/dllama-vm}"
-MIRROR="${DLLAMA_VM_MIRROR:-http://deb.debian.org/debian}"
+. "$(dirname "$SCRIPT")/image-lib.sh"
 SUITE=bookworm
-SIZE=3G
 PACKAGES=systemd-sysv,libpam-systemd,udev,dbus,network-manager,dhcpcd,openssh-server,python3,python3-venv,linux-image-amd64,iproute2,iputils-ping,procps,sudo,initramfs-tools
-KEY="$(sha256sum "$SCRIPT" | cut -c1-16)"
-OUT="$CACHE/image-$KEY"
 
-log() { echo "[image] $*" >&2; }
-
-if [ -f "$OUT/base.qcow2" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd.img" ] && [ -f "$OUT/id_ed25519" ]; then
-  echo "$OUT"
-  exit 0
-fi
+image_begin amd64 "$SCRIPT"
+# The image directories of this script's versions before image-lib.sh (image-<hash>) are stale.
+rm -rf "$CACHE"/image-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]
 
 for tool in debootstrap mkfs.ext4 qemu-img ssh-keygen; do
   command -v "$tool" >/dev/null || { log "missing $tool (apt-get install debootstrap e2fsprogs qemu-utils openssh-client)"; exit 1; }
 done
-
-mkdir -p "$CACHE"
-WORK="$(mktemp -d "$CACHE/build-XXXXXX")"
-ROOT="$WORK/rootfs"
-cleanup() {
-  for m in dev/pts dev proc sys; do
-    mountpoint -q "$ROOT/$m" 2>/dev/null && umount -l "$ROOT/$m"
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 start=$SECONDS
 log "debootstrap $SUITE minbase from $MIRROR into $ROOT (a few minutes)"
@@ -60,16 +43,7 @@ echo "dllama-vm" >"$ROOT/etc/hostname"
 printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$ROOT/etc/hosts"
 echo "/dev/vda / ext4 rw,noatime,errors=remount-ro 0 1" >"$ROOT/etc/fstab"
 
-# root logs in with the cached key only.
-ssh-keygen -q -t ed25519 -N "" -C dllama-e2e -f "$WORK/id_ed25519"
-install -d -m 0700 "$ROOT/root/.ssh"
-install -m 0600 "$WORK/id_ed25519.pub" "$ROOT/root/.ssh/authorized_keys"
-chroot "$ROOT" passwd -l root >/dev/null
-cat >"$ROOT/etc/ssh/sshd_config.d/dllama-e2e.conf" <<'EOF'
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-UseDNS no
-EOF
+image_ssh
 
 # NetworkManager: no invented "Wired connection 1"; profiles are keyfiles.
 cat >"$ROOT/etc/NetworkManager/conf.d/dllama-e2e.conf" <<'EOF'
@@ -154,11 +128,9 @@ rm -f "$ROOT/etc/systemd/system/multi-user.target.wants/dhcpcd.service"
 ln -sf /etc/systemd/system/mgmt-net.service "$ROOT/etc/systemd/system/multi-user.target.wants/mgmt-net.service"
 
 # Only what costs boot time goes: waiting for the network, timers, trims.
-for unit in NetworkManager-wait-online.service systemd-networkd-wait-online.service apt-daily.timer \
-    apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer man-db.timer \
-    systemd-timesyncd.service; do
-  ln -sf /dev/null "$ROOT/etc/systemd/system/$unit"
-done
+image_mask NetworkManager-wait-online.service systemd-networkd-wait-online.service apt-daily.timer \
+  apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer man-db.timer \
+  systemd-timesyncd.service
 
 # A small initrd: direct kernel boot from a virtio disk needs only these.
 sed -i 's/^MODULES=.*/MODULES=list/' "$ROOT/etc/initramfs-tools/initramfs.conf"
@@ -171,20 +143,4 @@ chroot "$ROOT" update-initramfs -u -k all >"$WORK/initramfs.log" 2>&1 || { tail 
 for m in dev/pts dev sys proc; do umount "$ROOT/$m"; done
 
 chroot "$ROOT" apt-get clean
-rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/tmp/* "$ROOT"/var/log/*.log
-
-# --- the image ----------------------------------------------------------------------------------
-mkdir -p "$WORK/out"
-cp "$(ls "$ROOT"/boot/vmlinuz-* | sort -V | tail -n1)" "$WORK/out/vmlinuz"
-cp "$(ls "$ROOT"/boot/initrd.img-* | sort -V | tail -n1)" "$WORK/out/initrd.img"
-mv "$WORK/id_ed25519" "$WORK/id_ed25519.pub" "$WORK/out/"
-mkfs.ext4 -q -L root -E root_owner=0:0 -d "$ROOT" "$WORK/base.raw" "$SIZE"
-qemu-img convert -O qcow2 "$WORK/base.raw" "$WORK/out/base.qcow2"
-rm -rf "$OUT"
-mv "$WORK/out" "$OUT"
-# Images of earlier versions of this script are stale (~700 MB each; their snapshots go with them).
-for old in "$CACHE"/image-*; do
-  [ "$old" = "$OUT" ] || rm -rf "$old"
-done
-log "image $OUT ($(du -sh "$OUT/base.qcow2" | cut -f1), initrd $(du -sh "$OUT/initrd.img" | cut -f1)) in $((SECONDS - start)) s"
-echo "$OUT"
+image_finish

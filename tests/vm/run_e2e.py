@@ -2,8 +2,10 @@
 
     python tests/vm/run_e2e.py [--cold] [--keep] [--kvm]
 
-Boots three Debian bookworm VMs (a root and two workers; one worker's addresses are dhcpcd's, as on
-Raspberry Pi OS Bullseye, the others NetworkManager's) on a bridge inside the network namespace
+Boots four VMs on a bridge inside the network namespace: three Debian bookworm x86_64 VMs (a root
+and two workers; one worker's addresses are dhcpcd's, as on Raspberry Pi OS Bullseye, the others
+NetworkManager's) and an arm64 Debian trixie worker set up like Raspberry Pi OS Trixie (cloud-init
+writes its netplan, netplan generates NetworkManager's profile; qemu-system-aarch64) in the namespace
 `dllama-e2e`, runs `ansible-playbook site.yml --check --diff` on them fresh (it must fail
 nothing), provisions them with `ansible-playbook site.yml`, then checks them:
 
@@ -45,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from cluster import NETNS, VMS, Cluster, netns_exec  # noqa: E402
+from cluster import ARCHS, NETNS, VMS, Cluster, netns_exec  # noqa: E402
 
 CACHE = Path(os.environ.get("DLLAMA_VM_CACHE", Path.home() / ".cache" / "dllama-vm"))
 OUT = REPO / "out" / "e2e"
@@ -54,7 +56,12 @@ MODEL = OUT / "model"
 VENV_BIN = Path(sys.executable).parent
 SYSTEM_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils",
                 "debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs", "ssh": "openssh-client",
-                "ip": "iproute2"}
+                "ip": "iproute2",
+                # the arm64 VM and its image (arm64 binaries run under qemu-user while it is built)
+                "qemu-system-aarch64": "qemu-system-arm", "mmdebstrap": "mmdebstrap",
+                "qemu-aarch64-static": "qemu-user-static", "update-binfmts": "binfmt-support"}
+# architecture -> the script that builds its image (each prints the image directory)
+IMAGE_SCRIPTS = {"x86_64": "image.sh", "aarch64": "image-arm64.sh"}
 COLD_BUDGET_S, WARM_BUDGET_S = 25 * 60, 10 * 60
 API_START_TIMEOUT_S = 300
 
@@ -107,14 +114,35 @@ def system_tools():
                        check=True, env=env, stdout=subprocess.DEVNULL)
     if not Path("/dev/net/tun").exists():
         raise Failed("no /dev/net/tun: the VMs' taps need it")
+    if "aarch64" in ARCHS and os.uname().machine != "aarch64":
+        # The arm64 image's packages configure under qemu-user: binfmt_misc must hand it arm64 ELFs.
+        binfmt = Path("/proc/sys/fs/binfmt_misc")
+        if not (binfmt / "register").exists():
+            subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], check=False)
+        if not (binfmt / "qemu-aarch64").exists():
+            subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], check=False)
+        if not (binfmt / "qemu-aarch64").exists():
+            raise Failed("no binfmt_misc entry for arm64 binaries (update-binfmts --enable qemu-aarch64)")
 
 
-def build_image() -> Path:
-    proc = subprocess.run(["bash", str(HERE / "image.sh")], stdout=subprocess.PIPE, text=True,
-                          env=dict(os.environ, DLLAMA_VM_CACHE=str(CACHE)))
-    if proc.returncode != 0:
-        raise Failed("building the image failed (see above)")
-    return Path(proc.stdout.strip().splitlines()[-1])
+def build_images() -> dict[str, Path]:
+    """Every architecture's image, built at the same time when not cached (the x86 one mostly
+    downloads and unpacks, the arm64 one runs its packages' scripts under emulation)."""
+    env = dict(os.environ, DLLAMA_VM_CACHE=str(CACHE))
+    procs = {arch: (subprocess.Popen(["bash", str(HERE / IMAGE_SCRIPTS[arch])], stdout=subprocess.PIPE,
+                                     text=True, env=env), time.monotonic())
+             for arch in ARCHS}
+    images, failed = {}, []
+    for arch, (proc, start) in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            failed.append(IMAGE_SCRIPTS[arch])
+            continue
+        images[arch] = Path(out.strip().splitlines()[-1])
+        say(f"    {arch}: {images[arch]} ({time.monotonic() - start:.1f} s)")
+    if failed:
+        raise Failed(f"building the image failed: {', '.join(failed)} (see above)")
+    return images
 
 
 def wheelhouse_and_model() -> None:
@@ -144,7 +172,9 @@ def write_inventory(cluster: Cluster, control_dir: Path) -> Path:
                 f"-o ControlMaster=auto -o ControlPersist=120s -o ControlPath={control_dir}/%C")
 
     def host(vm):
-        return f"        {vm.name}:\n          ansible_host: {vm.address}\n"
+        # Each image has its own root key.
+        return (f"        {vm.name}:\n          ansible_host: {vm.address}\n"
+                f"          ansible_ssh_private_key_file: {cluster.key_for(vm)}\n")
 
     text = (
         "# Written by tests/vm/run_e2e.py: the e2e VMs inside the network namespace "
@@ -154,7 +184,6 @@ def write_inventory(cluster: Cluster, control_dir: Path) -> Path:
         "    workers:\n      hosts:\n" + "".join(host(vm) for vm in workers) +
         "  vars:\n"
         "    ansible_user: root\n"
-        f"    ansible_ssh_private_key_file: {cluster.key}\n"
         f"    ansible_ssh_common_args: {ssh_args}\n"
         "    ansible_python_interpreter: /usr/bin/python3\n"
         "    dllama_prefix: 24\n"
@@ -264,10 +293,9 @@ def main() -> int:
     try:
         with phase("system tools (qemu, debootstrap)"):
             system_tools()
-        with phase("image (built on the first run, then cached)"):
-            image = build_image()
-            say(f"    {image}")
-        cluster = Cluster(image, RUN, CACHE, kvm=args.kvm, log=say)
+        with phase("images: x86_64 and aarch64 (built on the first run, then cached)"):
+            images = build_images()
+        cluster = Cluster(images, RUN, CACHE, kvm=args.kvm, log=say)
         cold = args.cold or not (cluster.snapshot_dir / "ok").is_file()
         # The wheelhouse and the model are built on the host while the VMs boot.
         host_side: dict[str, object] = {}
