@@ -6,15 +6,23 @@ Boots four VMs on a bridge inside the network namespace: three Debian bookworm x
 and two workers; one worker's addresses are dhcpcd's, as on Raspberry Pi OS Bullseye, the others
 NetworkManager's) and an arm64 Debian trixie worker set up like Raspberry Pi OS Trixie (cloud-init
 writes its netplan, netplan generates NetworkManager's profile; qemu-system-aarch64) in the namespace
-`dllama-e2e`, runs `ansible-playbook site.yml --check --diff` on them fresh (it must fail
-nothing), provisions them with `ansible-playbook site.yml`, then checks them:
+`dllama-e2e`. First site.yml against a deliberately bad variant of the inventory (two roots, a
+duplicate address, a gateway outside the subnet, an MTU above the NIC's maximum, a node that does
+not answer): the preflight must stop it with one line per problem and nothing changed
+(tests/vm/preflight_e2e.py). Then `ansible-playbook site.yml --check --diff` on the fresh VMs (it
+must fail nothing), `ansible-playbook site.yml`, and the checks:
 
   1. testinfra over the written inventory (tests/infra, one fact per test; the API's own checks
-     once it answers /health)
+     once it answers /health): each node runs the wheel and kernels of its own CPU and Python
+     (NEON on the arm64 one), with no compiler installed
   2. a second site.yml run reports changed=0 on every host
   3. ansible/health.yml passes and says "not a Raspberry Pi"
-  4. a real inference through dllama-api crosses all three VMs; a killed worker is back within
-     15 s and the API recovers (tests/infra/test_infra_recovery.py)
+  4. the mixed cluster (the x86 root, the x86 and arm64 workers) computes what the root alone does:
+     F32 logits within 1e-4 of their range, the same greedy text with Q80 buffers
+  5. the arm64 VM reboots: cloud-init and netplan run again and leave the network configuration as
+     it was, the node is back with its cluster address and MTU, its worker running
+  6. a real inference through dllama-api crosses every VM; a killed worker is back within 15 s and
+     the API recovers (tests/infra/test_infra_recovery.py)
 
 The VMs and everything that talks to them live inside the namespace; teardown (qemu killed,
 namespace deleted) happens always. The base image and a snapshot of the booted VMs are cached in
@@ -48,6 +56,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from cluster import ARCHS, NETNS, VMS, Cluster, netns_exec  # noqa: E402
+from preflight_e2e import PreflightCheckFailed, check_bad_inventory  # noqa: E402
 
 CACHE = Path(os.environ.get("DLLAMA_VM_CACHE", Path.home() / ".cache" / "dllama-vm"))
 OUT = REPO / "out" / "e2e"
@@ -236,6 +245,35 @@ def changed_summary(hosts: dict[str, dict[str, int]]) -> str:
     return ", ".join(f"{h}: changed={r.get('changed')}" for h, r in hosts.items())
 
 
+def show_results(out: str) -> None:
+    """The verdict line of each test in a `pytest -v` output."""
+    for line in out.splitlines():
+        if "::" in line and ("PASSED" in line or "FAILED" in line or "SKIPPED" in line):
+            print(f"      {line.strip()}")
+
+
+# What cloud-init and netplan own on a Raspberry Pi OS Trixie node: the cluster profile is
+# NetworkManager's own, so a reboot (cloud-init and netplan run again) must leave these as they
+# were and still bring the cluster address up.
+NETPLAN_STATE = "sha256sum /etc/netplan/*.yaml; ls /etc/NetworkManager/system-connections"
+
+
+def reboot_and_check(cluster: Cluster, vm, pytest: list[str], env: dict) -> None:
+    before = cluster.ssh(vm, "sh", "-c", f"'{NETPLAN_STATE}'").stdout
+    took = cluster.reboot(vm)
+    say(f"    {vm.name}: ssh from the new boot after {took:.0f} s")
+    after = cluster.ssh(vm, "sh", "-c", f"'{NETPLAN_STATE}'").stdout
+    if after != before:
+        raise Failed(f"{vm.name}: the reboot changed the network configuration:\n{before}\n->\n{after}")
+    # The worker, the address, the MTU, the active profile and jumbo frames, on this node only.
+    rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"] + [
+        "-v", "-k", vm.name, "tests/infra/test_infra_network.py", "tests/infra/test_infra_worker.py"]),
+        RUN / f"reboot-{vm.name}.log", env=env)
+    show_results(out)
+    if rc != 0:
+        raise Failed(f"{vm.name} did not come back as it was after a reboot")
+
+
 def _catching(fn, *args):
     """fn(*args), or the exception it raised (for a thread whose outcome the main thread checks)."""
     try:
@@ -323,6 +361,16 @@ def main() -> int:
         env["DLLAMA_INFRA_INVENTORY"] = str(inventory)
         playbook = [VENV_BIN / "ansible-playbook", "-i", inventory]
 
+        with phase("site.yml on a bad inventory: the preflight stops it, one line per problem, nothing changed"):
+            try:
+                lines = check_bad_inventory(inventory.read_text(), lambda path: run_logged(
+                    netns_exec([VENV_BIN / "ansible-playbook", "-i", path, "site.yml"]),
+                    RUN / "preflight-bad.log", env=env), RUN / "inventory")
+            except PreflightCheckFailed as e:
+                raise Failed(str(e)) from None
+            for line in lines:
+                say(f"    {line}")
+
         with phase("site.yml --check --diff on the fresh VMs (fails nothing)"):
             rc, out = run_logged(netns_exec(playbook + ["site.yml", "--check", "--diff"]),
                                  RUN / "site-check.log", env=env)
@@ -350,7 +398,8 @@ def main() -> int:
         with phase("testinfra: network, tuning, engine, workers (the API starting meanwhile)"):
             rc, out = run_logged(netns_exec(infra + ["tests/infra",
                                                      "--ignore", "tests/infra/test_infra_recovery.py",
-                                                     "--ignore", "tests/infra/test_infra_api.py"]),
+                                                     "--ignore", "tests/infra/test_infra_api.py",
+                                                     "--ignore", "tests/infra/test_infra_mixed_cluster.py"]),
                                  RUN / "testinfra.log", env=env)
             say("    " + (out.strip().splitlines() or ["?"])[-1])
             if rc != 0:
@@ -396,13 +445,23 @@ def main() -> int:
             if "not a Raspberry Pi" not in out:
                 raise Failed('ansible/health.yml did not say "not a Raspberry Pi"')
 
+        with phase("the mixed x86_64 + aarch64 cluster computes what one node computes (F32 logits, Q80 text)"):
+            rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"]
+                                            + ["-v", "tests/infra/test_infra_mixed_cluster.py"]),
+                                 RUN / "mixed-cluster.log", env=env)
+            show_results(out)
+            if rc != 0:
+                raise Failed("the mixed cluster differs from one node")
+
+        for vm in (vm for vm in VMS if vm.arch != "x86_64"):
+            with phase(f"reboot {vm.name}: back with its cluster address, MTU and worker; netplan untouched"):
+                reboot_and_check(cluster, vm, pytest, env)
+
         with phase("inference across the VMs, worker killed and back, API recovers"):
             rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"]
                                             + ["-v", "tests/infra/test_infra_recovery.py"]),
                                  RUN / "recovery.log", env=env)
-            for line in out.splitlines():
-                if "::" in line and ("PASSED" in line or "FAILED" in line or "SKIPPED" in line):
-                    print(f"      {line.strip()}")
+            show_results(out)
             if rc != 0:
                 raise Failed("the recovery checks failed")
         passed = True
