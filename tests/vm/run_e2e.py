@@ -17,10 +17,10 @@ must fail nothing), `ansible-playbook site.yml`, and the checks:
      (NEON on the arm64 one), with no compiler installed
   2. a second site.yml run reports changed=0 on every host
   3. ansible/health.yml passes and says "not a Raspberry Pi"
-  4. the mixed cluster (the x86 root, the x86 and arm64 workers) computes what the root alone does:
-     F32 logits within 1e-4 of their range, the same greedy text with Q80 buffers
-  5. the arm64 VM reboots: cloud-init and netplan run again and leave the network configuration as
+  4. the arm64 VM reboots: cloud-init and netplan run again and leave the network configuration as
      it was, the node is back with its cluster address and MTU, its worker running
+  5. the mixed cluster (the x86 root, the x86 and arm64 workers) computes what the root alone does:
+     F32 logits within 1e-4 of their range, the same greedy text with Q80 buffers
   6. a real inference through dllama-api crosses every VM; a killed worker is back within 15 s and
      the API recovers (tests/infra/test_infra_recovery.py)
 
@@ -445,6 +445,12 @@ def main() -> int:
             if "not a Raspberry Pi" not in out:
                 raise Failed('ansible/health.yml did not say "not a Raspberry Pi"')
 
+        for vm in (vm for vm in VMS if vm.arch != "x86_64"):
+            with phase(f"reboot {vm.name}: back with its cluster address, MTU and worker; netplan untouched"):
+                reboot_and_check(cluster, vm, pytest, env)
+
+        # After the reboot: this check restarts dllama-api, which then reaches the rebooted worker
+        # afresh (a running API learns of a lost worker only from its next request).
         with phase("the mixed x86_64 + aarch64 cluster computes what one node computes (F32 logits, Q80 text)"):
             rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"]
                                             + ["-v", "tests/infra/test_infra_mixed_cluster.py"]),
@@ -452,10 +458,6 @@ def main() -> int:
             show_results(out)
             if rc != 0:
                 raise Failed("the mixed cluster differs from one node")
-
-        for vm in (vm for vm in VMS if vm.arch != "x86_64"):
-            with phase(f"reboot {vm.name}: back with its cluster address, MTU and worker; netplan untouched"):
-                reboot_and_check(cluster, vm, pytest, env)
 
         with phase("inference across the VMs, worker killed and back, API recovers"):
             rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"]
