@@ -46,7 +46,14 @@ demo: install
 
 # Everything: the unit and integration tests, then the appliance end to end on VMs (root; 12-14
 # min cold under software emulation, 8 with the image and a booted snapshot cached).
-test: unit
+# The VM images (the arm64 one: ~16 min cold, mostly one core's work under qemu-user) are built
+# while the unit tests run; their log is shown after the tests.
+test: system-deps install
+	@mkdir -p $(OUT)
+	$(PY) tests/vm/run_e2e.py --images-only >$(OUT)/e2e-images.log 2>&1 & images=$$!; \
+	$(PY) -m pytest -q tests; unit=$$?; \
+	wait $$images; built=$$?; cat $(OUT)/e2e-images.log; \
+	[ $$unit -eq 0 ] && [ $$built -eq 0 ]
 	$(PY) tests/vm/run_e2e.py $(E2E_ARGS)
 
 # The tests that need no VMs (a few minutes).

@@ -1,6 +1,6 @@
 """The appliance end to end on real VMs: `make e2e`.
 
-    python tests/vm/run_e2e.py [--cold] [--keep] [--kvm]
+    python tests/vm/run_e2e.py [--cold] [--keep] [--kvm] [--images-only]
 
 Boots four VMs on a bridge inside the network namespace: three Debian bookworm x86_64 VMs (a root
 and two workers; one worker's addresses are dhcpcd's, as on Raspberry Pi OS Bullseye, the others
@@ -32,6 +32,7 @@ prints its time. Needs root (network namespaces, taps, debootstrap).
   --cold   ignore the booted snapshot (boot the VMs from scratch and save a new one)
   --keep   leave the VMs running afterwards (for debugging; `--down` removes them)
   --kvm    use KVM (real hardware virtualisation; untested on these machines)
+  --images-only  install the system tools and build the images, nothing else
   --enforce-budget  fail when over the time budget (25 min cold, 10 min warm); without it the
                     times are reported, not asserted (speed is measured, not tested)
 """
@@ -292,6 +293,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the VMs running afterwards")
     parser.add_argument("--down", action="store_true", help="only remove VMs left by --keep")
     parser.add_argument("--kvm", action="store_true", help="KVM instead of software emulation")
+    parser.add_argument("--images-only", action="store_true",
+                        help="only install the system tools and build (or find) the VM images")
     parser.add_argument("--enforce-budget", action="store_true",
                         help="fail when over the time budget, not only report it")
     args = parser.parse_args()
@@ -309,6 +312,18 @@ def main() -> int:
     if args.down:
         subprocess.run(["ip", "netns", "pids", NETNS], check=False)
         Cluster.__new__(Cluster).netns_down()
+        return 0
+    if args.images_only:
+        # `make test` builds the images this way while the unit tests run (the arm64 image is
+        # mostly one core's work under qemu-user).
+        try:
+            with phase("system tools (qemu, debootstrap)"):
+                system_tools()
+            with phase("images: x86_64 and aarch64 (built on the first run, then cached)"):
+                build_images()
+        except Failed as e:
+            say(f"FAILED: {e}")
+            return 1
         return 0
 
     # SIGTERM (a killed make) unwinds like Ctrl-C, so the teardown still runs.
