@@ -159,48 +159,13 @@ class Cluster:
 
     # --- what the snapshot depends on ----------------------------------------------------------
     def qemu_argv(self, vm: VM, loadvm: bool) -> list[str]:
-        if vm.arch == "aarch64":
-            return self._qemu_argv_aarch64(vm, loadvm)
-        # Under TCG, `rep stosb`/`rep movsb` run a byte per step: with ERMS/FSRM advertised the
-        # guest kernel zeroes and copies pages that way (measured: dd from /dev/zero 8x slower).
-        accel = (["-enable-kvm", "-cpu", "host,-arch-capabilities"] if self.uses_kvm(vm)
-                 else ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max,erms=off,fsrm=off"])
+        machine, accel, boot = (self._aarch64_parts(vm) if vm.arch == "aarch64" else self._x86_64_parts(vm))
         # norandmaps: TCG keys translated code by virtual address, so with address-space
         # randomisation every new process translates its libraries again (fork+exec 3x slower).
-        cmdline = (f"root=/dev/vda rw console=ttyS0 net.ifnames=0 quiet "
-                   f"dllama.addr={vm.address}/{PREFIX} dllama.hostname={vm.name} dllama.net={vm.net}"
-                   + ("" if self.uses_kvm(vm) else " norandmaps"))
-        argv = [
-            "qemu-system-x86_64", "-name", vm.name, "-machine", "q35", *accel,
-            "-smp", "1", "-m", str(vm.memory_mb),
-            "-nodefaults", "-no-user-config", "-display", "none",
-            "-kernel", str(self.image_dir(vm) / "vmlinuz"),
-            "-initrd", str(self.image_dir(vm) / "initrd.img"),
-            "-append", cmdline,
-            "-drive", f"file={self.disk(vm)},if=virtio,format=qcow2,cache=unsafe,discard=unmap",
-            "-netdev", f"tap,id=net0,ifname={vm.tap},script=no,downscript=no",
-            "-device", f"virtio-net-pci,netdev=net0,mac={vm.mac}",
-            "-device", "virtio-rng-pci",
-            "-serial", f"file:{self.run_dir / (vm.name + '.console.log')}",
-            "-qmp", f"unix:{self.qmp_path(vm)},server=on,wait=off",
-        ]
-        if loadvm:
-            argv += ["-loadvm", SNAPSHOT]
-        return argv
-
-    def _qemu_argv_aarch64(self, vm: VM, loadvm: bool) -> list[str]:
-        # -cpu max has dotprod (asimddp) as a Pi 5's Cortex-A76 does; pauth-impdef=on makes
-        # pointer authentication cheap to emulate (the architected algorithm costs a lot).
-        accel = (["-enable-kvm", "-cpu", "host"] if self.uses_kvm(vm)
-                 else ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max,pauth-impdef=on"])
-        network_config = base64.b64encode(netplan_config(vm).encode()).decode()
-        # cloud-init's NoCloud seed: instance id and host name (meta-data), the network-config.
-        cmdline = (f"root=/dev/vda rw console=ttyAMA0 net.ifnames=0 quiet "
-                   f"ds=nocloud;i={vm.name};h={vm.name} network-config={network_config}"
-                   + ("" if self.uses_kvm(vm) else " norandmaps"))
+        cmdline = f"root=/dev/vda rw {boot}" + ("" if self.uses_kvm(vm) else " norandmaps")
         image = self.image_dir(vm)
         argv = [
-            QEMU[vm.arch], "-name", vm.name, "-machine", "virt", *accel,
+            QEMU[vm.arch], "-name", vm.name, "-machine", machine, *accel,
             "-smp", "1", "-m", str(vm.memory_mb),
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
@@ -215,6 +180,27 @@ class Cluster:
         if loadvm:
             argv += ["-loadvm", SNAPSHOT]
         return argv
+
+    def _x86_64_parts(self, vm: VM) -> tuple[str, list[str], str]:
+        """The machine, the accelerator and CPU, and the kernel command line's own part."""
+        # Under TCG, `rep stosb`/`rep movsb` run a byte per step: with ERMS/FSRM advertised the
+        # guest kernel zeroes and copies pages that way (measured: dd from /dev/zero 8x slower).
+        accel = (["-enable-kvm", "-cpu", "host,-arch-capabilities"] if self.uses_kvm(vm)
+                 else ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max,erms=off,fsrm=off"])
+        boot = (f"console=ttyS0 net.ifnames=0 quiet "
+                f"dllama.addr={vm.address}/{PREFIX} dllama.hostname={vm.name} dllama.net={vm.net}")
+        return "q35", accel, boot
+
+    def _aarch64_parts(self, vm: VM) -> tuple[str, list[str], str]:
+        # -cpu max has dotprod (asimddp) as a Pi 5's Cortex-A76 does; pauth-impdef=on makes
+        # pointer authentication cheap to emulate (the architected algorithm costs a lot).
+        accel = (["-enable-kvm", "-cpu", "host"] if self.uses_kvm(vm)
+                 else ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max,pauth-impdef=on"])
+        network_config = base64.b64encode(netplan_config(vm).encode()).decode()
+        # cloud-init's NoCloud seed: instance id and host name (meta-data), the network-config.
+        boot = (f"console=ttyAMA0 net.ifnames=0 quiet "
+                f"ds=nocloud;i={vm.name};h={vm.name} network-config={network_config}")
+        return "virt", accel, boot
 
     def spec_hash(self) -> str:
         versions = {arch: run([QEMU[arch], "--version"], capture_output=True).stdout.splitlines()[0]

@@ -246,11 +246,14 @@ def changed_summary(hosts: dict[str, dict[str, int]]) -> str:
     return ", ".join(f"{h}: changed={r.get('changed')}" for h, r in hosts.items())
 
 
-def show_results(out: str) -> None:
-    """The verdict line of each test in a `pytest -v` output."""
+def run_checks(pytest: list[str], args: list[str], log: Path, env: dict, failure: str) -> None:
+    """pytest -v on the nodes: each test's verdict shown, Failed(failure) if any failed."""
+    rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"] + ["-v", *args]), log, env=env)
     for line in out.splitlines():
         if "::" in line and ("PASSED" in line or "FAILED" in line or "SKIPPED" in line):
             print(f"      {line.strip()}")
+    if rc != 0:
+        raise Failed(failure)
 
 
 # What cloud-init and netplan own on a Raspberry Pi OS Trixie node: the cluster profile is
@@ -267,12 +270,8 @@ def reboot_and_check(cluster: Cluster, vm, pytest: list[str], env: dict) -> None
     if after != before:
         raise Failed(f"{vm.name}: the reboot changed the network configuration:\n{before}\n->\n{after}")
     # The worker, the address, the MTU, the active profile and jumbo frames, on this node only.
-    rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"] + [
-        "-v", "-k", vm.name, "tests/infra/test_infra_network.py", "tests/infra/test_infra_worker.py"]),
-        RUN / f"reboot-{vm.name}.log", env=env)
-    show_results(out)
-    if rc != 0:
-        raise Failed(f"{vm.name} did not come back as it was after a reboot")
+    run_checks(pytest, ["-k", vm.name, "tests/infra/test_infra_network.py", "tests/infra/test_infra_worker.py"],
+               RUN / f"reboot-{vm.name}.log", env, f"{vm.name} did not come back as it was after a reboot")
 
 
 def _catching(fn, *args):
@@ -467,20 +466,12 @@ def main() -> int:
         # After the reboot: this check restarts dllama-api, which then reaches the rebooted worker
         # afresh (a running API learns of a lost worker only from its next request).
         with phase("the mixed x86_64 + aarch64 cluster computes what one node computes (F32 logits, Q80 text)"):
-            rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"]
-                                            + ["-v", "tests/infra/test_infra_mixed_cluster.py"]),
-                                 RUN / "mixed-cluster.log", env=env)
-            show_results(out)
-            if rc != 0:
-                raise Failed("the mixed cluster differs from one node")
+            run_checks(pytest, ["tests/infra/test_infra_mixed_cluster.py"], RUN / "mixed-cluster.log", env,
+                       "the mixed cluster differs from one node")
 
         with phase("inference across the VMs, worker killed and back, API recovers"):
-            rc, out = run_logged(netns_exec([a for a in pytest if a != "-q"]
-                                            + ["-v", "tests/infra/test_infra_recovery.py"]),
-                                 RUN / "recovery.log", env=env)
-            show_results(out)
-            if rc != 0:
-                raise Failed("the recovery checks failed")
+            run_checks(pytest, ["tests/infra/test_infra_recovery.py"], RUN / "recovery.log", env,
+                       "the recovery checks failed")
         passed = True
     except Failed as e:
         say(f"FAILED: {e}")
