@@ -44,8 +44,8 @@ demo: install
 	  --prompt "Hello, world! 안녕하세요. def main():" --steps 32 --buffer-float-type q80 \
 	  --nthreads $(NTHREADS) --max-seq-len 4096 --temperature 0
 
-# Everything: the unit and integration tests, then the appliance end to end on VMs (root; 12-14
-# min cold under software emulation, 8 with the image and a booted snapshot cached).
+# Everything: the unit and integration tests, then the appliance end to end on 4 VMs (root; under
+# software emulation ~16 min with the images and a booted snapshot cached, ~20 more the first time).
 # The VM images (the arm64 one: ~16 min cold, mostly one core's work under qemu-user) are built
 # while the unit tests run; their log is shown after the tests.
 test: system-deps install
