@@ -57,10 +57,12 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> tuple[Path, Path]:
-    """The wheelhouse (out, build): built once, cold (fresh compile trees), for the session."""
-    base = tmp_path_factory.mktemp("wheelhouse")
-    make_wheelhouse(base / "out", base / "build")
-    return base / "out", base / "build"
+    """The wheelhouse (out, build): built once for the session, in the compile trees `make
+    wheelhouse` keeps (cold on a fresh clone), so the e2e's wheelhouse that follows in `make test`
+    compiles nothing again; the cold compile elsewhere is test_a_rebuild_gives_byte_identical_archives'."""
+    out = tmp_path_factory.mktemp("wheelhouse") / "out"
+    make_wheelhouse(out, CACHE)
+    return out, CACHE
 
 
 @pytest.fixture(scope="session")
