@@ -81,7 +81,10 @@ def _facts(node) -> dict:
 
 
 def _read(node):
-    """The output of the node's shell read, split into its `== name` sections, or None."""
+    """The output of the node's shell read, split into its `== name` sections; None for a node
+    that is missing, was not reached, or whose read did not run."""
+    if node is None or not _reachable(node):
+        return None
     result = node.get("read") or {}
     if result.get("skipped") or result.get("unreachable") or "stdout" not in result:
         return None
@@ -296,7 +299,7 @@ def interface_problems(nodes) -> tuple[list[str], list[str]]:
                             "(9000 for jumbo frames, 1500 without)")
             continue
         mtus.setdefault(mtu, []).append(name)
-        sections = _read(node) if _reachable(node) else None
+        sections = _read(node)
         if sections is None:
             continue
         try:
@@ -406,7 +409,7 @@ def memory_problems(nodes, order: list[str], header, model_name: str, max_seq_le
     problems, warnings = [], []
     for name, fp in zip(order, prints):
         node = by_name.get(name)
-        sections = _read(node) if node is not None and _reachable(node) else None
+        sections = _read(node)
         available = parse_meminfo((sections or {}).get("meminfo", "")).get("MemAvailable")
         if available is None or available >= fp.peak:
             continue
@@ -426,7 +429,7 @@ def memory_problems(nodes, order: list[str], header, model_name: str, max_seq_le
 
 def disk_problem(node, header, model_name: str, model_path: str) -> str | None:
     """The root's filesystem for dllama_model_path has room for the model, unless it is there."""
-    sections = _read(node) if _reachable(node) else None
+    sections = _read(node)
     if sections is None or "df" not in sections:
         return None
     present = _int(sections.get("model", "").strip() or None)
