@@ -125,15 +125,6 @@ def system_tools():
                        check=True, env=env, stdout=subprocess.DEVNULL)
     if not Path("/dev/net/tun").exists():
         raise Failed("no /dev/net/tun: the VMs' taps need it")
-    if "aarch64" in ARCHS and os.uname().machine != "aarch64":
-        # The arm64 image's packages configure under qemu-user: binfmt_misc must hand it arm64 ELFs.
-        binfmt = Path("/proc/sys/fs/binfmt_misc")
-        if not (binfmt / "register").exists():
-            subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], check=False)
-        if not (binfmt / "qemu-aarch64").exists():
-            subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], check=False)
-        if not (binfmt / "qemu-aarch64").exists():
-            raise Failed("no binfmt_misc entry for arm64 binaries (update-binfmts --enable qemu-aarch64)")
 
 
 def build_images() -> dict[str, Path]:
