@@ -105,6 +105,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--nthreads", type=_positive_int, default=os.cpu_count() or 1, help="threads of the core")
     p.add_argument("--cluster-key-file", default=None, help="the cluster's shared key (root and workers)")
     p.add_argument("--cache-dir", default=None, help="keep received weight slices here across restarts")
+    p.add_argument("--cache-max-bytes", type=_size, default=None, metavar="SIZE",
+                   help="bound the slice cache (e.g. 20G); the oldest entries go first (default: no bound)")
+    p.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                   help="refuse sessions that need more memory than this (e.g. 7G); sessions that need more "
+                        "than the machine has available are refused either way (default: no other bound)")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds a peer may stay silent inside a handshake or a step (default: 10)")
     p.set_defaults(run=run_worker)
@@ -395,6 +400,15 @@ def _stdout() -> Any:
 
 
 # argument types
+
+
+def _size(text: str) -> int:
+    from .cluster.footprint import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_int(text: str) -> int:

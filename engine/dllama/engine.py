@@ -62,6 +62,7 @@ class Engine:
         max_batch: int = DEFAULT_MAX_BATCH,
         cluster_key_file: str | os.PathLike | None = None,
         progress: bool = True,
+        data_mac: bool = True,
     ) -> None:
         if not isinstance(nthreads, int) or isinstance(nthreads, bool) or not 1 <= nthreads <= 1024:
             raise ValueError(f"nthreads must be an integer between 1 and 1024, got {nthreads!r}")
@@ -87,7 +88,7 @@ class Engine:
             self.max_seq_len = min(max_seq_len or self.config.seq_len, self.config.seq_len)
             slices = plan_slices(self.config, [1.0] + [a.weight for a in addresses])
             if addresses:
-                self._connect(slices, addresses, cluster_key_file, max_batch, progress)
+                self._connect(slices, addresses, cluster_key_file, max_batch, progress, data_mac)
             self._core = _core.Transformer(native_config(self.config), slices[0].native(), nthreads=nthreads,
                                            max_seq_len=self.max_seq_len, max_batch=max_batch)
             self._bind_weights(slices[0])
@@ -102,15 +103,19 @@ class Engine:
         self._position = 0
         self._last_stats: dict = {}
 
-    def _connect(self, slices, addresses, cluster_key_file, max_batch: int, progress: bool) -> None:
+    def _connect(self, slices, addresses, cluster_key_file, max_batch: int, progress: bool, data_mac: bool) -> None:
+        """data_mac False leaves the data plane's messages untagged (the benchmark's baseline);
+        the handshake and the control plane are authenticated either way."""
         from .cluster import auth
         from .cluster.root import connect_workers
 
         key = auth.load_key(cluster_key_file, "root")
-        fds, names, self.weights_sent = connect_workers(
+        cluster = connect_workers(
             self._file, slices, addresses, key=key, q80=self.buffer_float_type == "q80",
-            max_seq_len=self.max_seq_len, max_batch=max_batch, progress=progress)
-        self._mesh = _core.Mesh(0, fds, names, STEP_TIMEOUT_MS)
+            max_seq_len=self.max_seq_len, max_batch=max_batch, data_mac=data_mac, progress=progress)
+        self.weights_sent = cluster.weights_sent
+        self._mesh = _core.Mesh(0, cluster.fds, cluster.names, STEP_TIMEOUT_MS,
+                                **({"keys": cluster.keys} if data_mac else {}))
 
     def _bind_weights(self, node) -> None:
         from .cluster.slices import node_tensors
@@ -169,6 +174,7 @@ class Engine:
                 "sync_ms": (after["sync_seconds"] - before["sync_seconds"]) * 1000,
                 "sent_kb": (after["sent"] - before["sent"]) / 1024,
                 "recv_kb": (after["received"] - before["received"]) / 1024,
+                "mac_ms": (after["mac_seconds"] - before["mac_seconds"]) * 1000,
             }
         self._position += len(ids)
         return result

@@ -13,8 +13,7 @@ from ..model_file import ModelFile
 from . import auth
 from .errors import ClusterError
 from .plan import NodeSlice
-from .protocol import (WEIGHT_CHUNK, WEIGHT_HEADER, Frame, ProtocolError, RemoteError, recv_frame, recv_json,
-                       send_frame, send_json)
+from .protocol import WEIGHT_CHUNK, WEIGHT_HEADER, Channel, Frame, ProtocolError
 from .session import Session
 from .slices import TensorSlice, node_tensors, slice_bytes
 
@@ -22,6 +21,8 @@ CONNECT_TIMEOUT = 10.0
 # A worker answers CONFIG after checking its slice cache's digest and READY after building its
 # model: seconds per GB on a board, so those two waits get longer than the others.
 PREPARE_TIMEOUT = 300.0
+# The ends of a root-worker connection in its frames' tags.
+ROOT, WORKER = 0, 1
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,21 @@ class WorkerAddress:
         return f"{self.host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class Connected:
+    """The cluster as the root's data plane takes it over: one socket and one data-plane key per
+    node (node 0, the root itself: -1 and b""), their names, and the weight bytes sent."""
+
+    fds: list[int]
+    keys: list[bytes]
+    names: list[str]
+    weights_sent: int
+
+
 def connect_workers(model: ModelFile, slices: list[NodeSlice], workers: list[WorkerAddress], *, key: bytes,
-                    q80: bool, max_seq_len: int, max_batch: int, timeout: float = CONNECT_TIMEOUT,
-                    progress: bool = True) -> tuple[list[int], list[str], int]:
-    """Returns the mesh sockets of the root (one fd per node, -1 for itself), the nodes' names and
-    the weight bytes sent."""
-    socks: list[socket.socket] = []
+                    q80: bool, max_seq_len: int, max_batch: int, data_mac: bool = True,
+                    timeout: float = CONNECT_TIMEOUT, progress: bool = True) -> Connected:
+    channels: list[Channel] = []
     sent = 0
     try:
         sessions, pending = [], []
@@ -61,41 +71,39 @@ def connect_workers(model: ModelFile, slices: list[NodeSlice], workers: list[Wor
         for i, address in enumerate(workers, start=1):
             tensors = list(node_tensors(model, slices[i]))
             session = Session(model.config, slices[i], i, len(slices), q80, max_seq_len, max_batch, model_hash,
-                              [(t.name, int(t.type), t.rows, t.cols) for t in tensors])
-            sock = _dial(address, timeout)
-            socks.append(sock)
-            reply = _introduce(sock, address, key, session, timeout)
-            sessions.append((address, sock, reply))
+                              [(t.name, int(t.type), t.rows, t.cols) for t in tensors], data_mac=data_mac)
+            ch = Channel(_dial(address, timeout), sender=ROOT, peer=WORKER)
+            channels.append(ch)
+            reply, data_key = _introduce(ch, address, key, session, timeout)
+            sessions.append((address, ch, reply, data_key))
             if not reply["cached"]:
-                pending.append((address, sock, tensors))
+                pending.append((address, ch, tensors))
         total = sum(t.nbytes for _, _, tensors in pending for t in tensors)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="weights to workers",
                   disable=not progress or total == 0, file=sys.stderr) as bar:
-            for address, sock, tensors in pending:
-                sent += _send_weights(sock, address, model, tensors, bar)
+            for address, ch, tensors in pending:
+                sent += _send_weights(ch, address, model, tensors, bar)
         session_id = auth.nonce()
         peers = [{"node": i, "host": a.host, "port": r["mesh_port"], "name": str(a)}
-                 for i, (a, _, r) in enumerate(sessions, start=1)]
-        for address, sock, _ in sessions:
-            _guard(address, send_json, sock, Frame.MESH, {"session": session_id, "peers": peers})
-        for address, sock, _ in sessions:
-            sock.settimeout(PREPARE_TIMEOUT)
-            _guard(address, recv_frame, sock, Frame.READY)
+                 for i, (a, _, r, _) in enumerate(sessions, start=1)]
+        for address, ch, _, _ in sessions:
+            _guard(address, ch.send_json, Frame.MESH, {"session": session_id, "peers": peers})
+        for address, ch, _, _ in sessions:
+            ch.set_timeout(PREPARE_TIMEOUT)
+            _guard(address, ch.recv, Frame.READY)
     except BaseException:
-        for s in socks:
-            s.close()
+        for ch in channels:
+            ch.sock.close()
         raise
-    fds = [-1] + [s.detach() for _, s, _ in sessions]
-    names = ["root"] + [f"worker {a}" for a, _, _ in sessions]
-    return fds, names, sent
+    return Connected(fds=[-1] + [ch.sock.detach() for _, ch, _, _ in sessions],
+                     keys=[b""] + [k for _, _, _, k in sessions],
+                     names=["root"] + [f"worker {a}" for a, _, _, _ in sessions], weights_sent=sent)
 
 
 def _guard(address: WorkerAddress, fn, *args):
     try:
         return fn(*args)
-    except RemoteError as e:
-        raise ClusterError(str(address), str(e)) from None
-    except ProtocolError as e:
+    except ProtocolError as e:  # RemoteError included: the worker's own words, made printable
         raise ClusterError(str(address), str(e)) from None
 
 
@@ -108,26 +116,37 @@ def _dial(address: WorkerAddress, timeout: float) -> socket.socket:
     return sock
 
 
-def _introduce(sock: socket.socket, address: WorkerAddress, key: bytes, session: Session, timeout: float) -> dict:
+def _introduce(ch: Channel, address: WorkerAddress, key: bytes, session: Session, timeout: float
+               ) -> tuple[dict, bytes]:
+    """The handshake, under one deadline, then CONFIG. Both proofs cover both nonces, their
+    direction and the address this root reached, so a host that took over a worker's address
+    cannot pass the root's proof on to a real worker elsewhere. Returns CONFIG_OK and the key
+    of this worker's data-plane link."""
+    ch.set_deadline(timeout)
+    dialled = auth.endpoint(ch.sock.getpeername())
     root_nonce = auth.nonce()
-    _guard(address, send_json, sock, Frame.HELLO, {"nonce": root_nonce})
-    worker_nonce = _guard(address, recv_json, sock, Frame.CHALLENGE).get("nonce")
-    if not isinstance(worker_nonce, str):
+    _guard(address, ch.send_json, Frame.HELLO, {"nonce": root_nonce, "address": dialled})
+    worker_nonce = _guard(address, ch.recv_json, Frame.CHALLENGE).get("nonce")
+    if not auth.is_nonce(worker_nonce):
         raise ClusterError(str(address), "malformed CHALLENGE")
-    _guard(address, send_json, sock, Frame.AUTH, {"proof": auth.proof(key, "root", root_nonce, worker_nonce)})
-    reply = _guard(address, recv_json, sock, Frame.AUTH_OK)
-    if not auth.check(key, reply.get("proof"), "worker", worker_nonce, root_nonce):
+    fields = (root_nonce, worker_nonce, dialled)
+    _guard(address, ch.send_json, Frame.AUTH, {"proof": auth.proof(key, "root proof", *fields)})
+    reply = _guard(address, ch.recv_json, Frame.AUTH_OK)
+    if not auth.check(key, reply.get("proof"), "worker proof", *fields):
         raise ClusterError(str(address), "the worker does not hold this root's cluster key")
-    _guard(address, send_json, sock, Frame.CONFIG, session.to_json())
-    sock.settimeout(PREPARE_TIMEOUT)
-    reply = _guard(address, recv_json, sock, Frame.CONFIG_OK)
-    sock.settimeout(timeout)
-    if not isinstance(reply.get("cached"), bool) or not isinstance(reply.get("mesh_port"), int):
+    session_key = auth.derive(key, "session", *fields)
+    ch.authenticate(auth.derive(session_key, "control"))
+    _guard(address, ch.send_json, Frame.CONFIG, session.to_json())
+    ch.set_timeout(PREPARE_TIMEOUT)
+    reply = _guard(address, ch.recv_json, Frame.CONFIG_OK)
+    ch.set_timeout(timeout)
+    if not isinstance(reply.get("cached"), bool) or not isinstance(reply.get("mesh_port"), int) \
+            or not 0 < reply["mesh_port"] < 65536:
         raise ClusterError(str(address), "malformed CONFIG_OK")
-    return reply
+    return reply, auth.derive(session_key, "data")
 
 
-def _send_weights(sock, address, model: ModelFile, tensors: list[TensorSlice], bar) -> int:
+def _send_weights(ch: Channel, address, model: ModelFile, tensors: list[TensorSlice], bar) -> int:
     digest = hashlib.blake2b(digest_size=32)
     sent = 0
     for index, t in enumerate(tensors):
@@ -135,8 +154,8 @@ def _send_weights(sock, address, model: ModelFile, tensors: list[TensorSlice], b
         for offset in range(0, len(data), WEIGHT_CHUNK):
             chunk = data[offset:offset + WEIGHT_CHUNK]
             digest.update(chunk)
-            _guard(address, send_frame, sock, Frame.WEIGHTS, WEIGHT_HEADER.pack(index, offset) + bytes(chunk))
+            _guard(address, ch.send, Frame.WEIGHTS, WEIGHT_HEADER.pack(index, offset) + bytes(chunk))
             sent += len(chunk)
             bar.update(len(chunk))
-    _guard(address, send_json, sock, Frame.WEIGHTS_DONE, {"digest": digest.hexdigest()})
+    _guard(address, ch.send_json, Frame.WEIGHTS_DONE, {"digest": digest.hexdigest()})
     return sent

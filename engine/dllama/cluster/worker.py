@@ -1,10 +1,13 @@
-"""`dllama worker`: listens, serves one root at a time, and listens again whatever the root
-did (went away, sent garbage, held the wrong key)."""
+"""`dllama worker`: listens, introduces every caller under a deadline (several at once, so no
+stranger can hold the door), serves one authenticated root at a time, and listens again whatever
+the root did (went away, sent garbage, held the wrong key)."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,88 +17,169 @@ from ..config import FloatType
 from ..engine import native_config
 from . import auth
 from .cache import SliceCache
-from .protocol import WEIGHT_HEADER, Frame, ProtocolError, decode_json, recv_frame, recv_json, send_frame, send_json
+from .footprint import memory_refusal, session_memory_bytes
+from .gate import Gate, RateLimitedLog
+from .protocol import (WEIGHT_HEADER, Channel, Frame, PeerClosed, ProtocolError, RemoteError, decode_json,
+                       printable)
+from .root import ROOT, WORKER
 from .session import Session
 
 HANDSHAKE_TIMEOUT = 10.0
+# The whole handshake, however the bytes trickle in: a stranger holds a slot this long at most.
+HANDSHAKE_DEADLINE = 5.0
+# Introductions in progress at once; more callers are closed at once (a root retries).
+MAX_PENDING = 16
 # Waits that depend on the other workers (the root streams their weights first) may last as
 # long as a multi-GB transfer; a root that vanished meanwhile is noticed by TCP keepalive.
 BETWEEN_PHASES_TIMEOUT = 3600.0
+# How long the other workers may take to call this one's mesh port (they build their models
+# first: seconds per GB on a board). The root waits as long for READY.
+MESH_TIMEOUT = 300.0
 
 
 def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} dllama worker: {message}", file=sys.stderr, flush=True)
+    print(f"{time.strftime('%H:%M:%S')} dllama worker: {printable(message, 2000)}", file=sys.stderr, flush=True)
+
+
+class Refused(Exception):
+    """The root asked for something this worker will not do; the message tells it why."""
 
 
 class Worker:
     def __init__(self, *, host: str, port: int, nthreads: int, key: bytes, cache_dir: str | None = None,
-                 timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 timeout: float = HANDSHAKE_TIMEOUT, max_memory: int | None = None,
+                 cache_max_bytes: int | None = None) -> None:
         self.host, self.port, self.nthreads, self.key, self.timeout = host, port, nthreads, key, timeout
-        self.cache = SliceCache(cache_dir, log) if cache_dir else None
+        self.max_memory = max_memory
+        self.handshake_deadline = min(HANDSHAKE_DEADLINE, timeout)
+        self.cache = SliceCache(cache_dir, log, cache_max_bytes) if cache_dir else None
+        self.warn = RateLimitedLog(log)
+        self.serving = threading.Lock()  # one root's session at a time: it uses the whole machine
 
     def serve_forever(self) -> None:
-        with socket.create_server((self.host, self.port), backlog=4, reuse_port=False) as listener:
-            while True:
-                print(f"Listening on port {self.port}", flush=True)
-                conn, addr = listener.accept()
-                peer = f"{addr[0]}:{addr[1]}"
-                try:
-                    self.session(conn, peer)
-                except (ProtocolError, ValueError, OSError) as e:
-                    log(f"root {peer}: {e}; connection closed")
-                except Exception as e:  # noqa: BLE001 - whatever one root caused, the next is served
-                    log(f"root {peer}: unexpected {type(e).__name__}: {e}; connection closed")
-                finally:
-                    conn.close()
+        with socket.create_server((self.host, self.port), backlog=64, reuse_port=False) as listener:
+            print(f"Listening on port {self.port}", flush=True)
+            Gate(listener, self.introduce, max_pending=MAX_PENDING, log=self.warn).accept_until(lambda: False)
 
-    def session(self, conn: socket.socket, peer: str) -> None:
-        conn.settimeout(self.timeout)
-        keepalive(conn)
-        hello = recv_json(conn, Frame.HELLO)
-        root_nonce = hello.get("nonce")
-        if not isinstance(root_nonce, str) or len(root_nonce) != 2 * auth.NONCE_BYTES:
+    def introduce(self, conn: socket.socket, peer: str):
+        """The handshake; returns the session to run once the caller proved the key."""
+        ch = Channel(conn, sender=WORKER, peer=ROOT)
+        try:
+            keepalive(conn)
+            ch.set_deadline(self.handshake_deadline)
+            data_key = self.handshake(ch, peer)
+        except PeerClosed:  # a port probe (a health check, a scan): nothing to say
+            conn.close()
+            return None
+        except ProtocolError as e:
+            self.warn("handshake", f"caller {peer} dropped: {e}")
+            conn.close()
+            return None
+        except Exception:
+            conn.close()
+            raise
+        return lambda: self.run_session(ch, peer, data_key)
+
+    def handshake(self, ch: Channel, peer: str) -> bytes:
+        hello = ch.recv_json(Frame.HELLO)
+        root_nonce, dialled = hello.get("nonce"), hello.get("address")
+        if not auth.is_nonce(root_nonce) or not isinstance(dialled, str):
             raise ProtocolError("malformed HELLO")
+        here = auth.endpoint(ch.sock.getsockname())
+        if dialled != here:
+            ch.send_error(f"this worker is {here}, the root reached {printable(dialled, 100)}: the connection was "
+                          "relayed or translated (NAT); point the root at the worker's own address")
+            raise ProtocolError(f"refused: the root reached {dialled}, not this worker's {here} (relayed or NAT)")
         worker_nonce = auth.nonce()
-        send_json(conn, Frame.CHALLENGE, {"nonce": worker_nonce})
-        claim = recv_json(conn, Frame.AUTH)
-        if not auth.check(self.key, claim.get("proof"), "root", root_nonce, worker_nonce):
-            log(f"refused root {peer}: it does not hold this worker's cluster key")
-            send_json(conn, Frame.ERROR, {"message": "cluster key mismatch: the worker refused this root"})
-            return
-        send_json(conn, Frame.AUTH_OK, {"proof": auth.proof(self.key, "worker", worker_nonce, root_nonce)})
+        ch.send_json(Frame.CHALLENGE, {"nonce": worker_nonce})
+        claim = ch.recv_json(Frame.AUTH)
+        fields = (root_nonce, worker_nonce, here)
+        if not auth.check(self.key, claim.get("proof"), "root proof", *fields):
+            ch.send_error("cluster key mismatch: the worker refused this root")
+            raise ProtocolError("refused: it does not hold this worker's cluster key")
+        ch.send_json(Frame.AUTH_OK, {"proof": auth.proof(self.key, "worker proof", *fields)})
+        session_key = auth.derive(self.key, "session", *fields)
+        ch.authenticate(auth.derive(session_key, "control"))
+        return auth.derive(session_key, "data")
 
-        session = Session.from_json(recv_json(conn, Frame.CONFIG))
+    def run_session(self, ch: Channel, peer: str, data_key: bytes) -> None:
+        """An authenticated root's session; whatever goes wrong, the root is told why (if it
+        still listens), the session's memory is given back and the next root is served."""
+        try:
+            ch.set_timeout(self.timeout)
+            config = ch.recv_json(Frame.CONFIG)
+            if not self.serving.acquire(blocking=False):
+                log(f"root {peer} waits for the current session to end")
+                if not self.serving.acquire(timeout=MESH_TIMEOUT):
+                    raise Refused("this worker is busy serving another root")
+            try:
+                self.session(ch, peer, config, data_key)
+            finally:
+                self.serving.release()
+        except RemoteError as e:
+            log(f"root {peer} gave up: {e}")
+        except (Refused, ValueError) as e:
+            log(f"refused root {peer}: {e}")
+            ch.send_error(str(e))
+        except ProtocolError as e:
+            log(f"root {peer}: {e}; connection closed")
+            ch.send_error(str(e))
+        except Exception as e:  # noqa: BLE001 - whatever one root caused, the next is served
+            log(f"root {peer}: unexpected {type(e).__name__}: {e}; connection closed")
+            ch.send_error(f"the worker failed: {type(e).__name__}: {e}")
+        finally:
+            ch.sock.close()
+        # here, past the handlers, no traceback holds the session's buffers any more
+        release_memory()
+        print(f"Listening on port {self.port}", flush=True)
+
+    def session(self, ch: Channel, peer: str, config: dict, data_key: bytes) -> None:
+        session = Session.from_json(config)
+        needed = session_memory_bytes(session, self.nthreads)
+        reason = memory_refusal(needed, self.max_memory)
+        if reason:
+            raise Refused(reason)
         sizes = session.sizes
         total = sum(sizes)
         weights = self.cache.load(session.cache_key, total) if self.cache else None
         cached = weights is not None
-        with socket.create_server((self.host, 0)) as mesh_listener:
-            send_json(conn, Frame.CONFIG_OK, {"cached": cached, "mesh_port": mesh_listener.getsockname()[1]})
-            conn.settimeout(BETWEEN_PHASES_TIMEOUT)
-            if not cached:
-                weights, digest = self.receive_weights(conn, sizes)
-                if self.cache:
-                    self.cache.store(session.cache_key, weights, digest)
-            model = self.build(session, weights)
-            del weights  # bind copied what the model reads from a received buffer: free it
-            mesh_fds, names = self.wire_mesh(conn, session, mesh_listener)
-        send_frame(conn, Frame.READY)
-        conn.settimeout(None)
+        stored = False
+        try:
+            with socket.create_server((self.host, 0)) as mesh_listener:
+                ch.send_json(Frame.CONFIG_OK, {"cached": cached, "mesh_port": mesh_listener.getsockname()[1]})
+                ch.set_timeout(BETWEEN_PHASES_TIMEOUT)
+                if not cached:
+                    weights, digest = self.receive_weights(ch, sizes)
+                    if self.cache:
+                        self.cache.store(session.cache_key, weights, digest)
+                        stored = True
+                model = self.build(session, weights)
+                del weights  # bind copied what the model reads: free the buffer
+                links = self.wire_mesh(ch, session, mesh_listener)
+        except BaseException:
+            if stored:  # a session that failed may have stored what made it fail
+                self.cache.discard(session.cache_key)
+            raise
+        ch.send(Frame.READY)
+        ch.set_timeout(None)
+        fds, keys, names = links
         names[0] = f"root {peer}"
-        mesh_fds[0] = conn.detach()
-        mesh = _core.Mesh(session.node, mesh_fds, names, int(self.timeout * 1000))
+        fds[0] = ch.sock.detach()
+        keys[0] = data_key
+        mesh = _core.Mesh(session.node, fds, names, int(self.timeout * 1000),
+                          **({"keys": keys} if session.data_mac else {}))
         log(f"serving root {peer} as node {session.node} of {session.nodes}"
             f" ({total / 1e6:.1f} MB of weights{', from the cache' if cached else ''})")
         reason = model.serve(mesh, session.q80)
         log(f"session with root {peer} ended: {reason}")
 
-    def receive_weights(self, conn: socket.socket, sizes: list[int]) -> tuple[np.ndarray, str]:
+    def receive_weights(self, ch: Channel, sizes: list[int]) -> tuple[np.ndarray, str]:
         """Tensor by tensor in manifest order, chunk by chunk; anything out of order is an error."""
         buffer = np.empty(sum(sizes), dtype=np.uint8)
         digest = hashlib.blake2b(digest_size=32)
         index, offset, at = 0, 0, 0
         while True:
-            kind, payload = recv_frame(conn, Frame.WEIGHTS, Frame.WEIGHTS_DONE)
+            kind, payload = ch.recv(Frame.WEIGHTS, Frame.WEIGHTS_DONE)
             if kind == Frame.WEIGHTS_DONE:
                 break
             if len(payload) < WEIGHT_HEADER.size:
@@ -116,65 +200,122 @@ class Worker:
             raise ProtocolError("the weights arrived damaged (digest mismatch)")
         return buffer, digest.hexdigest()
 
-    def build(self, session: Session, weights) -> _core.Transformer:
-        """Q40 matrices are copied (packed) by bind either way. F32 tensors are read in place from
-        the cache's map (file pages the kernel may drop), but copied out of a received buffer, so
-        that buffer, anonymous memory as large as the slices, is not kept for the session."""
+    def build(self, session: Session, weights: np.ndarray) -> _core.Transformer:
+        """Q40 matrices are copied (packed) by bind; F32 tensors are copied out of the buffer
+        too, so the buffer (as large as the slices) is not kept for the session."""
         model = _core.Transformer(native_config(session.config), session.slice.native(), nthreads=self.nthreads,
                                   max_seq_len=session.max_seq_len, max_batch=session.max_batch)
-        received = isinstance(weights, np.ndarray)
         at = 0
         for (name, t, rows, cols), size in zip(session.manifest, session.sizes):
-            if received and FloatType(t) != FloatType.Q40:
-                model.bind(name, weights[at:at + size].copy(), 0, rows, cols, size // rows, int(FloatType(t)))
+            if FloatType(t) == FloatType.Q40:
+                model.bind(name, weights, at, rows, cols, size // rows, int(t))
             else:
-                model.bind(name, weights, at, rows, cols, size // rows, int(FloatType(t)))
+                model.bind(name, weights[at:at + size].copy(), 0, rows, cols, size // rows, int(t))
             at += size
         model.check_bound()
         return model
 
-    def wire_mesh(self, conn: socket.socket, session: Session, listener: socket.socket):
-        """One socket to every other worker: this node dials the lower ones and takes calls from
-        the higher ones, each call proving the session and the key."""
-        plan = recv_json(conn, Frame.MESH)
+    def wire_mesh(self, ch: Channel, session: Session, listener: socket.socket):
+        """One authenticated socket to every other worker: this node calls the lower ones and
+        takes calls from the higher ones. Returns per node: the socket, the link's data-plane
+        key and the name (index 0, the root's, filled in by the caller)."""
+        plan = ch.recv_json(Frame.MESH)
         try:
             sid = str(plan["session"])
             peers = {int(p["node"]): (str(p["host"]), int(p["port"])) for p in plan["peers"]}
-            labels = {int(p["node"]): str(p["name"])[:200] for p in plan["peers"]}
+            labels = {int(p["node"]): printable(str(p["name"]), 200) for p in plan["peers"]}
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("malformed MESH frame") from None
         n, me = session.nodes, session.node
-        if sorted(peers) != list(range(1, n)):
+        if sorted(peers) != list(range(1, n)) or not auth.is_nonce(sid):
             raise ProtocolError("MESH frame does not list every worker")
-        fds, names = [-1] * n, ["root"] + [f"worker {labels[i]}" for i in range(1, n)]
-        socks = []
+        links: dict[int, tuple[socket.socket, bytes]] = {}
         try:
             for j in range(1, me):
-                s = socket.create_connection(peers[j], timeout=self.timeout)
-                socks.append(s)
-                send_json(s, Frame.MESH_HELLO, {"session": sid, "node": me,
-                                                "proof": auth.proof(self.key, "mesh", sid, str(me))})
-                fds[j] = s
-            listener.settimeout(self.timeout)
-            for _ in range(me + 1, n):
-                s, _addr = listener.accept()
-                socks.append(s)
-                s.settimeout(self.timeout)
-                hello = recv_json(s, Frame.MESH_HELLO)
-                j = hello.get("node")
-                if (hello.get("session") != sid or not isinstance(j, int) or not me < j < n or fds[j] != -1
-                        or not auth.check(self.key, hello.get("proof"), "mesh", sid, str(j))):
-                    raise ProtocolError("a mesh peer failed its introduction")
-                fds[j] = s
-        except OSError as e:
-            for s in socks:
-                s.close()
-            raise ProtocolError(f"cannot wire the mesh: {e}") from None
-        except ProtocolError:
-            for s in socks:
+                links[j] = self.call_peer(peers[j], sid, me, j)
+            self.take_calls(listener, sid, me, n, links)
+        except BaseException:
+            for s, _ in links.values():
                 s.close()
             raise
-        return [s.detach() if isinstance(s, socket.socket) else s for s in fds], names
+        fds, keys, names = [-1] * n, [b""] * n, ["root"] + [f"worker {labels[i]}" for i in range(1, n)]
+        for j, (s, k) in links.items():
+            fds[j], keys[j] = s.detach(), k
+        return fds, keys, names
+
+    def call_peer(self, address: tuple[str, int], sid: str, me: int, j: int) -> tuple[socket.socket, bytes]:
+        try:
+            s = socket.create_connection(address, timeout=self.timeout)
+        except OSError as e:
+            raise ProtocolError(f"cannot call worker node {j} at {address[0]}:{address[1]}: {e.strerror or e}") from None
+        try:
+            link = Channel(s, sender=me, peer=j)
+            link.set_deadline(self.handshake_deadline)
+            dialled, mine = auth.endpoint(s.getpeername()), auth.nonce()
+            link.send_json(Frame.MESH_HELLO, {"session": sid, "node": me, "nonce": mine, "address": dialled})
+            reply = link.recv_json(Frame.MESH_CHALLENGE)
+            theirs = reply.get("nonce")
+            fields = (sid, j, me, mine, theirs if isinstance(theirs, str) else "", dialled)
+            if not auth.is_nonce(theirs) or not auth.check(self.key, reply.get("proof"), "mesh callee proof", *fields):
+                raise ProtocolError(f"worker node {j} failed its mesh introduction")
+            link.send_json(Frame.MESH_AUTH, {"proof": auth.proof(self.key, "mesh caller proof", *fields)})
+            return s, auth.derive(self.key, "mesh link", *fields)
+        except BaseException:
+            s.close()
+            raise
+
+    def take_calls(self, listener: socket.socket, sid: str, me: int, n: int,
+                   links: dict[int, tuple[socket.socket, bytes]]) -> None:
+        """Until every higher node has called and proved itself: callers that fail (strangers,
+        replays, a second call for a node already here) are logged and dropped, the real
+        peers still get in."""
+        here = auth.endpoint(listener.getsockname())
+        lock = threading.Lock()
+
+        def introduce(s: socket.socket, peer: str):
+            link = Channel(s, sender=me, peer=0)
+            try:
+                link.set_deadline(self.handshake_deadline)
+                hello = link.recv_json(Frame.MESH_HELLO)
+                j, theirs, dialled = hello.get("node"), hello.get("nonce"), hello.get("address")
+                if hello.get("session") != sid or not isinstance(j, int) or not me < j < n or not auth.is_nonce(theirs):
+                    raise ProtocolError("not a caller of this session")
+                if not isinstance(dialled, str) or auth.endpoint(s.getsockname()) != dialled:
+                    raise ProtocolError("relayed or translated mesh call")
+                with lock:
+                    if j in links:
+                        raise ProtocolError(f"node {j} has called already")
+                mine = auth.nonce()
+                fields = (sid, me, j, theirs, mine, dialled)
+                link.send_json(Frame.MESH_CHALLENGE, {"nonce": mine, "proof": auth.proof(self.key, "mesh callee proof", *fields)})
+                if not auth.check(self.key, link.recv_json(Frame.MESH_AUTH).get("proof"), "mesh caller proof", *fields):
+                    raise ProtocolError("does not hold the cluster key")
+                with lock:
+                    if j in links:
+                        raise ProtocolError(f"node {j} has called already")
+                    links[j] = (s, auth.derive(self.key, "mesh link", *fields))
+            except ProtocolError as e:
+                self.warn("mesh", f"mesh port {here}: ignored caller {peer}: {e}")
+                s.close()
+            return None
+
+        def done() -> bool:
+            with lock:
+                return len([j for j in links if j > me]) == n - 1 - me
+
+        if not Gate(listener, introduce, max_pending=MAX_PENDING, log=self.warn).accept_until(
+                done, time.monotonic() + MESH_TIMEOUT):
+            missing = [j for j in range(me + 1, n) if j not in links]
+            raise ProtocolError(f"worker nodes {missing} did not call this one's mesh port in {MESH_TIMEOUT:.0f} s")
+
+
+def release_memory() -> None:
+    """Gives the freed heap of an ended session back to the system: glibc keeps it otherwise,
+    and an idle worker would sit on the peak of its last (perhaps refused) session."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def keepalive(sock: socket.socket) -> None:
@@ -190,7 +331,7 @@ def run(args) -> int:
     if not 0.1 <= args.timeout <= 3600:
         raise ValueError("--timeout must be between 0.1 and 3600 seconds")
     worker = Worker(host=args.host, port=args.port, nthreads=args.nthreads, key=key, cache_dir=args.cache_dir,
-                    timeout=args.timeout)
+                    timeout=args.timeout, max_memory=args.max_memory, cache_max_bytes=args.cache_max_bytes)
     try:
         worker.serve_forever()
     except KeyboardInterrupt:
