@@ -117,6 +117,14 @@ def test_worker_unit_takes_threads_port_and_extra_flags_from_variables(inventory
     )
 
 
+def test_worker_unit_is_stopped_and_restarted_past_its_memory_limit(inventory):
+    unit = render(inventory, "dllama-worker.service.j2", "pi-worker1", "worker")
+    assert one(unit, "MemoryMax") == "90%"
+    assert one(unit, "OOMPolicy") == "stop"
+    assert one(render(inventory, "dllama-worker.service.j2", "pi-worker1", "worker", dllama_memory_max="6G"),
+               "MemoryMax") == "6G"
+
+
 # -- dllama-api.service ------------------------------------------------------------------------
 
 def test_api_unit_runs_dllama_api_against_every_worker(inventory):
@@ -154,6 +162,14 @@ def test_api_unit_takes_explicit_workers_and_a_worker_cluster_address(inventory)
 def test_api_unit_without_workers_runs_the_root_alone(inventory):
     unit = render(inventory, "dllama-api.service.j2", "pi-root", "api", api_workers_group="nonexistent")
     assert "--workers" not in one(unit, "ExecStart")
+
+
+def test_api_unit_is_stopped_and_restarted_past_its_memory_limit(inventory):
+    unit = render(inventory, "dllama-api.service.j2", "pi-root", "api")
+    assert one(unit, "MemoryMax") == "90%"
+    assert one(unit, "OOMPolicy") == "stop"
+    assert one(render(inventory, "dllama-api.service.j2", "pi-root", "api", api_memory_max="3500M"),
+               "MemoryMax") == "3500M"
 
 
 # -- tuning ------------------------------------------------------------------------------------
