@@ -117,14 +117,6 @@ def test_worker_unit_takes_threads_port_and_extra_flags_from_variables(inventory
     )
 
 
-def test_worker_unit_is_stopped_and_restarted_past_its_memory_limit(inventory):
-    unit = render(inventory, "dllama-worker.service.j2", "pi-worker1", "worker")
-    assert one(unit, "MemoryMax") == "90%"
-    assert one(unit, "OOMPolicy") == "stop"
-    assert one(render(inventory, "dllama-worker.service.j2", "pi-worker1", "worker", dllama_memory_max="6G"),
-               "MemoryMax") == "6G"
-
-
 # -- dllama-api.service ------------------------------------------------------------------------
 
 def test_api_unit_runs_dllama_api_against_every_worker(inventory):
@@ -164,12 +156,16 @@ def test_api_unit_without_workers_runs_the_root_alone(inventory):
     assert "--workers" not in one(unit, "ExecStart")
 
 
-def test_api_unit_is_stopped_and_restarted_past_its_memory_limit(inventory):
-    unit = render(inventory, "dllama-api.service.j2", "pi-root", "api")
+# -- both services -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template,host,role", [("dllama-worker.service.j2", "pi-worker1", "worker"),
+                                                ("dllama-api.service.j2", "pi-root", "api")])
+def test_a_service_is_stopped_and_restarted_past_its_memory_limit(inventory, template, host, role):
+    unit = render(inventory, template, host, role)
     assert one(unit, "MemoryMax") == "90%"
     assert one(unit, "OOMPolicy") == "stop"
-    assert one(render(inventory, "dllama-api.service.j2", "pi-root", "api", api_memory_max="3500M"),
-               "MemoryMax") == "3500M"
+    assert one(render(inventory, template, host, role, dllama_memory_max="6G"), "MemoryMax") == "6G"
+    assert one(render(inventory, template, host, role, **{f"{role}_memory_max": "3500M"}), "MemoryMax") == "3500M"
 
 
 # -- tuning ------------------------------------------------------------------------------------

@@ -110,15 +110,15 @@ class ModelConfig:
         """Refuse numbers that cannot describe a model this engine runs, before anything is sized
         from them: the one rule for a .m header, a model being written and a root's CONFIG frame.
         Raises ValueError naming the field."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not INT32[0] <= value <= INT32[1]:
-                raise ValueError(f"{f.name} = {value} does not fit an int32")
         for name, limit in LIMITS.items():
             value = getattr(self, name)
             low = 0 if name in ("hidden_dim", "n_experts", "moe_hidden_dim") else 1
             if not low <= value <= limit:
                 raise ValueError(f"{name} = {value} is out of range ({low}..{limit})")
+        for f in dataclasses.fields(self):  # the others: rope and norm settings, the version
+            value = getattr(self, f.name)
+            if not INT32[0] <= value <= INT32[1]:
+                raise ValueError(f"{f.name} = {value} does not fit an int32")
         if self.weight_type not in (FloatType.F32, FloatType.Q40):
             raise ValueError(f"unsupported weight float type {self.weight_type.name} (only F32 and Q40)")
         if self.n_heads % self.n_kv_heads:

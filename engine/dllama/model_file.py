@@ -127,9 +127,9 @@ def _layer_specs(config: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec
 
 def _outer_specs(config: ModelConfig) -> tuple[TensorSpec, list[TensorSpec]]:
     """The tensors before the first layer and after the last."""
-    dim = config.dim
-    return (TensorSpec("embed_tokens", (config.vocab_size, dim), FloatType.F32),
-            [TensorSpec("norm", (dim,), FloatType.F32), TensorSpec("lm_head", (config.vocab_size, dim), config.weight_type)])
+    dim, vocab = config.dim, config.vocab_size
+    return (TensorSpec("embed_tokens", (vocab, dim), FloatType.F32),
+            [TensorSpec("norm", (dim,), FloatType.F32), TensorSpec("lm_head", (vocab, dim), config.weight_type)])
 
 
 def _experts(config: ModelConfig) -> int:
