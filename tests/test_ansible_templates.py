@@ -156,6 +156,18 @@ def test_api_unit_without_workers_runs_the_root_alone(inventory):
     assert "--workers" not in one(unit, "ExecStart")
 
 
+# -- both services -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template,host,role", [("dllama-worker.service.j2", "pi-worker1", "worker"),
+                                                ("dllama-api.service.j2", "pi-root", "api")])
+def test_a_service_is_stopped_and_restarted_past_its_memory_limit(inventory, template, host, role):
+    unit = render(inventory, template, host, role)
+    assert one(unit, "MemoryMax") == "90%"
+    assert one(unit, "OOMPolicy") == "stop"
+    assert one(render(inventory, template, host, role, dllama_memory_max="6G"), "MemoryMax") == "6G"
+    assert one(render(inventory, template, host, role, **{f"{role}_memory_max": "3500M"}), "MemoryMax") == "3500M"
+
+
 # -- tuning ------------------------------------------------------------------------------------
 
 def test_governor_unit_sets_performance_on_every_cpu_at_boot(inventory):

@@ -326,7 +326,7 @@ def test_header_size_larger_than_file(tmp_path):
 
 def test_absurd_dimensions(good_file):
     patch(good_file, key_offset(good_file, 7) + 4, "<i", 2**30)  # N_EXPERTS
-    expect_error(good_file, "absurd header")
+    expect_error(good_file, "n_experts = 1073741824 is out of range (0..1024)")
 
 
 def test_missing_required_key(tmp_path):

@@ -1,6 +1,7 @@
 """The model's shape: one typed object built from a .m header or a Hugging Face config.json."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
@@ -33,6 +34,27 @@ BLOCK_SIZE = 32
 # Bytes per block of 32 values; None for element types.
 BLOCK_BYTES = {FloatType.Q40: 18, FloatType.Q80: 34}
 ELEMENT_BYTES = {FloatType.F32: 4, FloatType.F16: 2}
+
+
+# The largest shape a model may have: far above any released model (Llama 3.1 405B: dim 16384, FFN
+# 53248, 126 layers, 128 heads; Qwen3-235B-A22B: 128 experts; vocabularies up to ~256k tokens),
+# far below what would let a stranger's header or CONFIG frame make a node allocate without limit.
+LIMITS: dict[str, int] = {
+    "dim": 1 << 16,
+    "hidden_dim": 1 << 20,
+    "n_layers": 1024,
+    "n_heads": 1024,
+    "n_kv_heads": 1024,
+    "head_dim": 1024,
+    "n_experts": 1024,
+    "moe_hidden_dim": 1 << 20,
+    "vocab_size": 1 << 21,
+    "seq_len": 1 << 24,
+}
+# Every layer of a MoE model holds three tensors per expert: n_layers x n_experts bounds the size
+# of a tensor table (Kimi K2: 61 x 384 = 23,424).
+MAX_EXPERT_LAYERS = 1 << 16
+INT32 = (-(2**31), 2**31 - 1)  # every header value is an int32
 
 
 def row_bytes(ftype: FloatType, n: int) -> int:
@@ -79,10 +101,52 @@ class ModelConfig:
         self.weight_type = FloatType(self.weight_type)
         self.rope_type = RopeType(self.rope_type)
         self.hidden_act = HiddenAct(self.hidden_act)
-        if not self.head_dim:
+        if not self.head_dim and self.n_heads > 0:  # n_heads <= 0 is left for check() to name
             self.head_dim = self.dim // self.n_heads
         self.q_dim = self.n_heads * self.head_dim
         self.kv_dim = self.n_kv_heads * self.head_dim
+
+    def check(self) -> None:
+        """Refuse numbers that cannot describe a model this engine runs, before anything is sized
+        from them: the one rule for a .m header, a model being written and a root's CONFIG frame.
+        Raises ValueError naming the field."""
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            low = 0 if name in ("hidden_dim", "n_experts", "moe_hidden_dim") else 1
+            if not low <= value <= limit:
+                raise ValueError(f"{name} = {value} is out of range ({low}..{limit})")
+        for f in dataclasses.fields(self):  # the others: rope and norm settings, the version
+            value = getattr(self, f.name)
+            if not INT32[0] <= value <= INT32[1]:
+                raise ValueError(f"{f.name} = {value} does not fit an int32")
+        if self.weight_type not in (FloatType.F32, FloatType.Q40):
+            raise ValueError(f"unsupported weight float type {self.weight_type.name} (only F32 and Q40)")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} is odd: RoPE rotates pairs")
+        if self.norm_epsilon <= 0:
+            raise ValueError(f"norm_epsilon must be positive, got {self.norm_epsilon}")
+        if self.is_moe:
+            if not self.n_experts or not self.moe_hidden_dim:
+                raise ValueError("a qwen3_moe model needs n_experts and moe_hidden_dim")
+            if not 0 < self.n_active_experts <= self.n_experts:
+                raise ValueError(f"n_active_experts {self.n_active_experts} is not in 1..{self.n_experts}")
+            if self.n_layers * self.n_experts > MAX_EXPERT_LAYERS:
+                raise ValueError(f"{self.n_layers} layers x {self.n_experts} experts is above the limit of "
+                                 f"{MAX_EXPERT_LAYERS}")
+        elif not self.hidden_dim:
+            raise ValueError("hidden_dim must be positive for a dense model")
+        # the activations synchronised between nodes are Q80 blocks of dim; a Q40 matrix is cut
+        # into whole blocks along its input: dim (q/k/v, FFN in, lm_head), q_dim (o_proj), hidden
+        blocked = {"dim": self.dim}
+        if self.weight_type == FloatType.Q40:
+            blocked["q_dim (n_heads x head_dim)"] = self.q_dim
+            blocked["moe_hidden_dim" if self.is_moe else "hidden_dim"] = (
+                self.moe_hidden_dim if self.is_moe else self.hidden_dim)
+        for name, value in blocked.items():
+            if value % BLOCK_SIZE:
+                raise ValueError(f"{name} = {value} is not a multiple of {BLOCK_SIZE}")
 
     @property
     def is_moe(self) -> bool:

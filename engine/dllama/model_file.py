@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 MAGIC = 0x0A00ABCD
 OLD_MAGICS = (0x00ABCD00, 0x00ABCD01)
 MAX_HEADER_PAIRS = 256  # a real header has 22 pairs; more than this is a corrupt file
-MAX_TENSORS = 1 << 22  # Qwen3-30B-A3B has about 18,600; far more means a corrupt header
 
 # Header keys, in FORMATS.md order: key number -> ModelConfig field.
 HEADER_KEYS: dict[int, str] = {
@@ -100,44 +99,78 @@ class TensorInfo:
     nbytes: int
 
 
-def tensor_layout(config: ModelConfig) -> list[TensorSpec]:
-    """Every tensor of a .m file for this config, in file order."""
+def _layer_specs(config: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
+    """One layer's tensors, named within the layer: those before its experts, one expert's (named
+    within the expert; none in a dense model), those after. The one place for the layout's shapes:
+    `tensor_layout` lists them, `layout_nbytes` and `tensor_count` multiply them out."""
     wt, f32 = config.weight_type, FloatType.F32
     dim, hd = config.dim, config.head_dim
-    out = [TensorSpec("embed_tokens", (config.vocab_size, dim), f32)]
+    before = [
+        TensorSpec("q_proj", (config.n_heads * hd, dim), wt),
+        TensorSpec("k_proj", (config.n_kv_heads * hd, dim), wt),
+        TensorSpec("v_proj", (config.n_kv_heads * hd, dim), wt),
+        TensorSpec("o_proj", (dim, config.n_heads * hd), wt),
+    ]
+    h = config.moe_hidden_dim if config.is_moe else config.hidden_dim
+    ffn = [TensorSpec("gate_proj", (h, dim), wt), TensorSpec("down_proj", (dim, h), wt),
+           TensorSpec("up_proj", (h, dim), wt)]
+    if config.is_moe:
+        before.append(TensorSpec("router", (config.n_experts, dim), f32))
+        expert = ffn
+    else:
+        before += ffn
+        expert = []
+    after = [TensorSpec("q_norm", (hd,), f32), TensorSpec("k_norm", (hd,), f32)] if config.has_qk_norm else []
+    after += [TensorSpec("input_layernorm", (dim,), f32), TensorSpec("post_attention_layernorm", (dim,), f32)]
+    return before, expert, after
+
+
+def _outer_specs(config: ModelConfig) -> tuple[TensorSpec, list[TensorSpec]]:
+    """The tensors before the first layer and after the last."""
+    dim, vocab = config.dim, config.vocab_size
+    return (TensorSpec("embed_tokens", (vocab, dim), FloatType.F32),
+            [TensorSpec("norm", (dim,), FloatType.F32), TensorSpec("lm_head", (vocab, dim), config.weight_type)])
+
+
+def _experts(config: ModelConfig) -> int:
+    return config.n_experts if config.is_moe else 0
+
+
+def _renamed(spec: TensorSpec, prefix: str) -> TensorSpec:
+    return TensorSpec(prefix + spec.name, spec.shape, spec.type)
+
+
+def tensor_layout(config: ModelConfig) -> list[TensorSpec]:
+    """Every tensor of a .m file for this config, in file order."""
+    first, last = _outer_specs(config)
+    before, expert, after = _layer_specs(config)
+    out = [first]
     for i in range(config.n_layers):
         p = f"layers.{i}."
-        out += [
-            TensorSpec(p + "q_proj", (config.n_heads * hd, dim), wt),
-            TensorSpec(p + "k_proj", (config.n_kv_heads * hd, dim), wt),
-            TensorSpec(p + "v_proj", (config.n_kv_heads * hd, dim), wt),
-            TensorSpec(p + "o_proj", (dim, config.n_heads * hd), wt),
-        ]
-        if config.is_moe:
-            h = config.moe_hidden_dim
-            out.append(TensorSpec(p + "router", (config.n_experts, dim), f32))
-            for e in range(config.n_experts):
-                q = f"{p}experts.{e}."
-                out += [
-                    TensorSpec(q + "gate_proj", (h, dim), wt),
-                    TensorSpec(q + "down_proj", (dim, h), wt),
-                    TensorSpec(q + "up_proj", (h, dim), wt),
-                ]
-        else:
-            h = config.hidden_dim
-            out += [
-                TensorSpec(p + "gate_proj", (h, dim), wt),
-                TensorSpec(p + "down_proj", (dim, h), wt),
-                TensorSpec(p + "up_proj", (h, dim), wt),
-            ]
-        if config.has_qk_norm:
-            out += [TensorSpec(p + "q_norm", (hd,), f32), TensorSpec(p + "k_norm", (hd,), f32)]
-        out += [
-            TensorSpec(p + "input_layernorm", (dim,), f32),
-            TensorSpec(p + "post_attention_layernorm", (dim,), f32),
-        ]
-    out += [TensorSpec("norm", (dim,), f32), TensorSpec("lm_head", (config.vocab_size, dim), wt)]
-    return out
+        out += [_renamed(t, p) for t in before]
+        for e in range(_experts(config)):
+            out += [_renamed(t, f"{p}experts.{e}.") for t in expert]
+        out += [_renamed(t, p) for t in after]
+    return out + last
+
+
+def tensor_count(config: ModelConfig) -> int:
+    """len(tensor_layout(config)), without listing them."""
+    before, expert, after = _layer_specs(config)
+    return 3 + config.n_layers * (len(before) + _experts(config) * len(expert) + len(after))
+
+
+def layout_nbytes(config: ModelConfig) -> int:
+    """The bytes of every tensor of a .m file for this config, computed per kind of tensor (a
+    header claiming millions of experts costs no list of them). The config must pass check()."""
+    first, last = _outer_specs(config)
+    before, expert, after = _layer_specs(config)
+
+    def total(specs: list[TensorSpec]) -> int:
+        return sum(t.nbytes for t in specs)
+
+    per_layer = total(before) + _experts(config) * total(expert) + total(after)
+    return first.nbytes + config.n_layers * per_layer + total(last)
 
 
 def header_size(n_pairs: int = len(HEADER_KEYS)) -> int:
@@ -146,7 +179,7 @@ def header_size(n_pairs: int = len(HEADER_KEYS)) -> int:
 
 def expected_file_size(config: ModelConfig) -> int:
     """Exact size in bytes of a .m file written for this config (all 22 header keys)."""
-    return header_size() + sum(t.nbytes for t in tensor_layout(config))
+    return header_size() + layout_nbytes(config)
 
 
 def header_bytes(config: ModelConfig) -> bytes:
@@ -162,30 +195,9 @@ def header_bytes(config: ModelConfig) -> bytes:
 
 
 def _check_config(config: ModelConfig, where: str) -> None:
-    """Reject headers whose numbers cannot describe a model (before sizing tensors from them)."""
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise ModelFileError(f"{where}: {what}")
-
-    for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "head_dim"):
-        need(getattr(config, f) > 0, f"{f} must be positive, got {getattr(config, f)}")
-    need(config.seq_len >= 0 and config.hidden_dim >= 0, "negative SEQ_LEN or HIDDEN_DIM")
-    need(config.n_heads % config.n_kv_heads == 0,
-         f"N_HEADS {config.n_heads} is not a multiple of N_KV_HEADS {config.n_kv_heads}")
-    need(config.norm_epsilon > 0, f"NORM_EPSILON must be positive, got {config.norm_epsilon}")
-    if config.is_moe:
-        need(config.n_experts > 0 and config.moe_hidden_dim > 0,
-             "a qwen3_moe file needs N_EXPERTS and MOE_HIDDEN_DIM")
-        need(0 < config.n_active_experts <= config.n_experts,
-             f"N_ACTIVE_EXPERTS {config.n_active_experts} not in 1..{config.n_experts}")
-    else:
-        need(config.hidden_dim > 0, "HIDDEN_DIM must be positive for a dense model")
-    n_tensors = 3 + config.n_layers * (12 + 3 * max(0, config.n_experts))
-    need(n_tensors <= MAX_TENSORS, f"absurd header: {config.n_layers} layers x {config.n_experts} "
-         f"experts is {n_tensors} tensors (limit {MAX_TENSORS})")
+    """ModelConfig.check (the one rule for a model's shape), its complaint naming the file."""
     try:
-        for t in tensor_layout(config):
-            t.nbytes  # noqa: B018 - raises for rows that are not whole blocks
+        config.check()
     except ValueError as e:
         raise ModelFileError(f"{where}: {e}") from None
 
@@ -241,8 +253,6 @@ def parse_header(data: bytes | memoryview, where: str = "<header>", file_size: i
     kwargs: dict[str, Any] = {HEADER_KEYS[k]: v for k, v in values.items()}
     kwargs["arch"] = arch
     kwargs.setdefault("n_kv_heads", kwargs["n_heads"])
-    if kwargs.get("n_heads", 0) <= 0:
-        raise ModelFileError(f"{where}: N_HEADS must be positive, got {kwargs.get('n_heads')}")
     config = ModelConfig(**kwargs)
     _check_config(config, where)
     return config, size
@@ -297,7 +307,7 @@ class ModelFile:
         try:
             head = mm[: min(size, header_size(MAX_HEADER_PAIRS))]
             config, hsize = parse_header(head, where, size)
-            expected = hsize + sum(t.nbytes for t in tensor_layout(config))
+            expected = hsize + layout_nbytes(config)  # before any per-tensor table is built
             if expected != size:
                 kind = "short" if size < expected else "long"
                 raise ModelFileError(f"{where}: file is {kind}: expected {expected} bytes, "
@@ -423,8 +433,6 @@ class ModelWriter:
         self.path = Path(path)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.config = config
-        if config.weight_type not in SUPPORTED_WEIGHT_TYPES:
-            raise ModelFileError(f"{self.path}: unsupported weight float type {config.weight_type.name}")
         _check_config(config, str(self.path))
         self.layout = tensor_layout(config)
         self.size = expected_file_size(config)
@@ -531,6 +539,6 @@ class ModelWriter:
 
 __all__ = [
     "MAGIC", "HEADER_KEYS", "KEY_NAMES", "ModelFileError", "TensorSpec", "TensorInfo",
-    "tensor_layout", "header_bytes", "parse_header", "expected_file_size", "ModelFile",
+    "tensor_layout", "tensor_count", "layout_nbytes", "header_bytes", "parse_header", "expected_file_size", "ModelFile",
     "ModelWriter", "BLOCK_SIZE",
 ]

@@ -6,13 +6,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from ..config import FloatType, ModelConfig, row_bytes
+from ..config import BLOCK_SIZE, FloatType, ModelConfig, row_bytes
+from ..model_file import tensor_count
+from .footprint import node_manifest
 from .plan import NodeSlice
 
 # bytes a worker accepts to hold: far above any model that fits a board, far below what a
 # stranger could make it allocate by lying
 MAX_WEIGHT_BYTES = 64 * 1024**3
-MAX_TENSORS = 1_000_000
+MAX_NODES = 64
+MAX_SEQ_LEN = 1 << 20
+MAX_BATCH = 4096
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Session:
     max_batch: int
     model_hash: str
     manifest: list[tuple[str, int, int, int]]  # name, float type, rows, cols
+    data_mac: bool = True  # the root's choice: every data-plane frame carries a MAC
 
     @property
     def sizes(self) -> list[int]:
@@ -48,29 +53,111 @@ class Session:
             "max_batch": self.max_batch,
             "model_hash": self.model_hash,
             "manifest": self.manifest,
+            "data_mac": self.data_mac,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> Session:
-        """Rebuilds and checks what a root sent; anything malformed is a ValueError."""
+        """Rebuilds and checks what a root sent; anything malformed or not what the plan of a
+        valid model gives this node is a ValueError naming the reason. Every number is checked
+        before anything is sized from it: a session that passes names only tensors the node binds,
+        of the shapes it binds them."""
         try:
-            config = ModelConfig(**{k: int(v) for k, v in d["config"].items()})
-            s = d["slice"]
-            node_slice = NodeSlice(*(tuple(int(x) for x in s[k]) for k in ("q_heads", "kv_heads", "ffn", "moe", "vocab")))
-            manifest = [(str(n), int(t), int(r), int(c)) for n, t, r, c in d["manifest"]]
-            session = cls(config, node_slice, int(d["node"]), int(d["nodes"]), bool(d["q80"]), int(d["max_seq_len"]),
-                          int(d["max_batch"]), str(d["model_hash"]), manifest)
+            config = ModelConfig(**{str(k): _int(v) for k, v in _of(d["config"], dict).items()})
+            s = _of(d["slice"], dict)
+            node_slice = NodeSlice(*(_range(s[k]) for k in ("q_heads", "kv_heads", "ffn", "moe", "vocab")))
+            manifest = [_entry(e) for e in _of(d["manifest"], list)]
+            session = cls(config, node_slice, _int(d["node"]), _int(d["nodes"]), _of(d["q80"], bool),
+                          _int(d["max_seq_len"]), _int(d["max_batch"]), _of(d["model_hash"], str), manifest,
+                          _of(d.get("data_mac", True), bool))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed session config ({type(e).__name__}: {e})") from None
-        if not 1 <= session.node < session.nodes <= 64:
-            raise ValueError("node index out of range")
-        if not 1 <= session.max_seq_len <= 1 << 20 or not 1 <= session.max_batch <= 4096:
-            raise ValueError("max_seq_len or max_batch out of range")
-        if len(manifest) > MAX_TENSORS:
-            raise ValueError("too many tensors")
-        for name, t, rows, cols in manifest:
-            if t not in (FloatType.F32, FloatType.Q40) or not 0 < rows <= 1 << 24 or not 0 < cols <= 1 << 24:
-                raise ValueError(f"tensor {name[:80]}: bad type or shape")
+        try:
+            config.check()
+        except ValueError as e:
+            raise ValueError(f"model config: {e}") from None
+        if not 1 <= session.node < session.nodes <= min(MAX_NODES, config.n_heads):
+            raise ValueError(f"node {session.node} of {session.nodes} is out of range "
+                             f"(1..nodes-1, at most {min(MAX_NODES, config.n_heads)} nodes)")
+        if not 1 <= session.max_seq_len <= min(MAX_SEQ_LEN, config.seq_len):
+            raise ValueError(f"max_seq_len {session.max_seq_len} is out of range "
+                             f"(1..{min(MAX_SEQ_LEN, config.seq_len)})")
+        if not 1 <= session.max_batch <= MAX_BATCH:
+            raise ValueError(f"max_batch {session.max_batch} is out of range (1..{MAX_BATCH})")
+        if len(session.model_hash) > 128:
+            raise ValueError("model_hash is longer than 128 characters")
+        check_slice(config, node_slice)
+        check_manifest(config, node_slice, manifest)
         if sum(session.sizes) > MAX_WEIGHT_BYTES:
-            raise ValueError("the weights are larger than a worker accepts")
+            raise ValueError(f"the weights ({sum(session.sizes)} bytes) are larger than a worker accepts "
+                             f"({MAX_WEIGHT_BYTES})")
         return session
+
+
+def check_slice(config: ModelConfig, node: NodeSlice) -> None:
+    """The ranges are within the model's dimensions, non-empty where the node computes, cut where
+    plan_slices cuts (whole Q40 blocks), the kv heads exactly those its query heads read."""
+    unit = BLOCK_SIZE if config.weight_type == FloatType.Q40 else 1
+    hd = config.head_dim
+
+    def within(name: str, r: tuple[int, int], total: int, empty: bool = False) -> None:
+        lo, hi = r
+        if not (0 <= lo <= hi <= total and (empty or lo < hi)):
+            raise ValueError(f"slice {name} {list(r)} is not a{'' if empty else ' non-empty'} range of 0..{total}")
+
+    within("q_heads", node.q_heads, config.n_heads)
+    if (node.q_heads[0] * hd) % unit or (node.q_heads[1] * hd) % unit:
+        raise ValueError(f"slice q_heads {list(node.q_heads)} cuts a Q40 block (head_dim {hd})")
+    group = config.n_heads // config.n_kv_heads
+    kv = (node.q_heads[0] // group, (node.q_heads[1] - 1) // group + 1)
+    if node.kv_heads != kv:
+        raise ValueError(f"slice kv_heads {list(node.kv_heads)} are not those its query heads read ({list(kv)})")
+    hidden, unused = ("moe", "ffn") if config.is_moe else ("ffn", "moe")
+    size = config.moe_hidden_dim if config.is_moe else config.hidden_dim
+    within(hidden, getattr(node, hidden), size)
+    if any(x % unit for x in getattr(node, hidden)):
+        raise ValueError(f"slice {hidden} {list(getattr(node, hidden))} cuts a Q40 block")
+    if getattr(node, unused) != (0, 0):
+        raise ValueError(f"slice {unused} must be [0, 0] for this model")
+    within("vocab", node.vocab, config.vocab_size)
+
+
+def check_manifest(config: ModelConfig, node: NodeSlice, manifest: list[tuple[str, int, int, int]]) -> None:
+    """The manifest is exactly what the node binds for this model and slice (node_manifest): the
+    count first, by arithmetic, so a long manifest costs no table of the plan's."""
+    want = tensor_count(config)
+    if len(manifest) != want:
+        raise ValueError(f"the manifest lists {len(manifest)} tensors, the model has {want}")
+    for i, (got, expected) in enumerate(zip(manifest, node_manifest(config, node))):
+        if got != expected:
+            raise ValueError(f"manifest entry {i} is {_shown(got)}, the plan's is {_shown(expected)}")
+
+
+def _shown(entry: tuple[str, int, int, int]) -> str:
+    name, t, rows, cols = entry
+    return f"{name[:80]!r} type {t} [{rows}, {cols}]"
+
+
+def _of(value, kind: type):
+    """`value` if it is a `kind` (a JSON true is no int here; a list may be a tuple when the
+    session did not cross the wire)."""
+    kinds = (list, tuple) if kind is list else kind
+    if not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)):
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _int(value) -> int:
+    return _of(value, int)
+
+
+def _range(value) -> tuple[int, int]:
+    r = tuple(_int(x) for x in _of(value, list))
+    if len(r) != 2:
+        raise ValueError(f"a range is two numbers, got {len(r)}")
+    return r
+
+
+def _entry(value) -> tuple[str, int, int, int]:
+    name, t, rows, cols = _of(value, list)
+    return _of(name, str), _int(t), _int(rows), _int(cols)
