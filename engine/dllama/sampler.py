@@ -32,9 +32,9 @@ class Candidates(NamedTuple):
 
 
 class Sampler:
-    """temperature 0 (or below GREEDY_BELOW): argmax. Otherwise: softmax(logits / temperature), keep the smallest prefix of
-    the top 64 whose probability reaches topp, and draw from it with a seeded PCG64 generator
-    (one uniform draw per token)."""
+    """temperature 0 (or below GREEDY_BELOW): argmax. Otherwise: softmax(logits / temperature),
+    keep the smallest prefix of the top 64 whose probability reaches topp, and draw from it with a
+    seeded PCG64 generator (one uniform draw per token)."""
 
     def __init__(self, temperature: float = 0.8, topp: float = 0.9, seed: int | None = None) -> None:
         temperature = float(temperature)
