@@ -223,7 +223,7 @@ def test_an_idle_keep_alive_connection_is_closed(server):
 
     with connect(server) as s:  # a connection that never says anything is closed at the request deadline
         opened = time.monotonic()
-        assert_json_error(*whole_response(closes(s, REQUEST_TIMEOUT + MARGIN)), expected=408)
+        assert closes(s, REQUEST_TIMEOUT + MARGIN) == b""  # no 408: a request may have been on its way
         assert time.monotonic() - opened >= REQUEST_TIMEOUT - 0.5
     chat_works(server)
 

@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"limit is raised to fit them when the hard limit allows (default: {DEFAULT_MAX_CONNECTIONS}, "
                         "or fewer if the limit cannot hold that many)")
     c.add_argument("--request-timeout", type=_seconds, default=DEFAULT_REQUEST_TIMEOUT, metavar="SECONDS",
-                   help="time a client has to send a request's headers and body, from its first byte; slower "
-                        f"ones get 408 and are closed (default: {DEFAULT_REQUEST_TIMEOUT:g})")
+                   help="time a client has to send a request's headers and body, from its first byte (from "
+                        "connecting, for a connection's first request); slower ones get 408 and are closed "
+                        f"(default: {DEFAULT_REQUEST_TIMEOUT:g})")
     c.add_argument("--keep-alive-timeout", type=_seconds, default=DEFAULT_KEEP_ALIVE_TIMEOUT, metavar="SECONDS",
                    help="time an idle connection stays open between requests "
                         f"(default: {DEFAULT_KEEP_ALIVE_TIMEOUT:g})")

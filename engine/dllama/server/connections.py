@@ -11,7 +11,8 @@ head; its 400 for a malformed request is plain text. So `dllama-api` runs uvicor
 
   - a request deadline: a request (head and body) must arrive within request_timeout seconds
     of its first byte, or of the connection's opening for the first one; bytes trickling in do
-    not extend it. Then 408 (unless a response has begun) and close.
+    not extend it. Then 408 (unless a response has begun, or the client has sent nothing at
+    all: it may be sending its request just then) and close.
   - a connection cap: a connection beyond max_connections gets 503 at once and never reaches
     the HTTP parser; its socket stays half-open for a moment (a lingering close) so the client
     reads the 503 rather than a reset. Refusals lingering at once are capped too: beyond that,
@@ -86,6 +87,7 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._heard = False  # any byte yet: a silent connection is closed without a 408 it never asked for
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         open_now = len(self.connections)  # uvicorn's set of this server's connections
@@ -99,6 +101,7 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_deadline()  # the first request is due from the opening, like a later one from its first byte
 
     def data_received(self, data: bytes) -> None:
+        self._heard = True
         if self._deadline is None and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
             self._arm_deadline()  # the first byte of a request after an idle keep-alive spell
         super().data_received(data)
@@ -142,7 +145,7 @@ class GuardedH11Protocol(H11Protocol):
             return
         log.warning("closed a connection whose request did not arrive within %g s (--request-timeout)",
                     self.limits.request_timeout)
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # no response begun: say why
+        if self._heard and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # no response begun: say why
             self._close_with(ApiError(408, f"The request did not arrive within {self.limits.request_timeout:g} s.",
                                       code="request_timeout"))
         else:
