@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dllama.sampler import TOP_K, Sampler, candidates, merge_candidates
+from dllama.sampler import GREEDY_BELOW, TOP_K, Sampler, candidates, merge_candidates
 
 VOCAB = 1000
 
@@ -52,6 +52,30 @@ def test_tiny_topp_is_argmax() -> None:
     for i in range(20):
         logits = random_logits(i)
         assert sampler.sample(logits) == int(np.argmax(logits))
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-45, 1e-39, 1e-20, GREEDY_BELOW / 2])
+def test_tiny_temperature_is_greedy(temperature: float) -> None:
+    # dividing logits by such a temperature overflows to inf and NaN: it is greedy instead, on one
+    # node and on merged cluster candidates alike, drawing no randomness
+    sampler, twin = Sampler(temperature, 0.9, seed=5), Sampler(0, 0.9, seed=5)
+    assert sampler.greedy
+    for i in range(20):
+        logits = random_logits(i)
+        assert sampler.sample(logits) == int(np.argmax(logits))
+        assert sampler.sample_candidates(*candidates(logits, temperature)) == int(np.argmax(logits))
+    halves = [candidates(logits[:500], temperature), candidates(logits[500:], temperature, offset=500)]
+    assert sampler.sample_candidates(*merge_candidates(halves)) == int(np.argmax(logits))
+    assert sampler.rng.random() == twin.rng.random()
+
+
+def test_greedy_threshold_is_sharp() -> None:
+    # at GREEDY_BELOW itself the sampler still samples: the rule only takes what would overflow
+    # or be argmax anyway
+    assert not Sampler(GREEDY_BELOW, seed=1).greedy
+    close = np.array([1.0, 1.0 - GREEDY_BELOW], dtype=np.float32)  # a gap of one temperature
+    sampler = Sampler(GREEDY_BELOW, 1.0, seed=2)
+    assert {sampler.sample(close) for _ in range(200)} == {0, 1}
 
 
 def test_candidates_are_top_64_sorted_with_id_tie_break() -> None:

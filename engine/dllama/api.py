@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import stat
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ EXIT_USAGE = 2
 DEFAULT_PORT = 8080
 DEFAULT_QUEUE_SIZE = 8
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MAX_TIMEOUT_SECONDS = 3600  # longer is a typo, and call_later of a huge delay is no timeout at all
 
 
 class ApiStartError(Exception):
@@ -33,6 +35,8 @@ class ApiStartError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     from dllama import cli
+    from dllama.server.connections import (DEFAULT_KEEP_ALIVE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+                                           DEFAULT_REQUEST_TIMEOUT)
 
     parser = argparse.ArgumentParser(
         prog=PROG, parents=[cli._model_flags()],
@@ -52,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's id in /v1/models and responses (default: the model file's name)")
     g.add_argument("--max-request-bytes", type=cli._positive_int, default=None, metavar="N",
                    help="largest request body accepted; larger ones get 413 (default: 1 MiB)")
+    c = parser.add_argument_group("connections (hostile or broken clients)")
+    c.add_argument("--max-connections", type=cli._positive_int, default=None, metavar="N",
+                   help="open connections at once; more get 503 at once and are closed. The file descriptor "
+                        f"limit is raised to fit them when the hard limit allows (default: {DEFAULT_MAX_CONNECTIONS}, "
+                        "or fewer if the limit cannot hold that many)")
+    c.add_argument("--request-timeout", type=_seconds, default=DEFAULT_REQUEST_TIMEOUT, metavar="SECONDS",
+                   help="time a client has to send a request's headers and body, from its first byte (from "
+                        "connecting, for a connection's first request); slower ones get 408 and are closed "
+                        f"(default: {DEFAULT_REQUEST_TIMEOUT:g})")
+    c.add_argument("--keep-alive-timeout", type=_seconds, default=DEFAULT_KEEP_ALIVE_TIMEOUT, metavar="SECONDS",
+                   help="time an idle connection stays open between requests "
+                        f"(default: {DEFAULT_KEEP_ALIVE_TIMEOUT:g})")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="uvicorn's and the server's log level (default: info)")
     g.add_argument("--debug", action="store_true", help="show tracebacks of startup errors")
@@ -79,7 +95,9 @@ def serve(args: argparse.Namespace) -> int:
     from dllama.engine import DEFAULT_MAX_SEQ_LEN
     from dllama.model_file import ModelFile
     from dllama.server.app import MAX_BODY_BYTES, ServerConfig, create_app, live_figures
+    from dllama.server.connections import ConnectionLimits, fit_connection_cap, uvicorn_options
     from dllama.server.host import EngineHost
+    from dllama.server.logs import rate_limit
     from dllama.server.metrics import Metrics
     from dllama.server.scheduler import Scheduler
     from dllama.server.schemas import Sampling
@@ -95,6 +113,8 @@ def serve(args: argparse.Namespace) -> int:
     if defaults.seed is not None and defaults.seed < 0:
         raise ApiStartError("--seed must be a non-negative integer")
     api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
+    limits = ConnectionLimits(max_connections=fit_connection_cap(args.max_connections),
+                              request_timeout=args.request_timeout, keep_alive_timeout=args.keep_alive_timeout)
 
     model = Path(args.model)
     if not model.is_file():
@@ -147,7 +167,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"{PROG}: serving {config.model_name} (context {context_length}, queue {args.queue_size}) on "
               f"http://{_url_host(args.host)}:{args.port}/v1", file=sys.stderr, flush=True)
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                        timeout_graceful_shutdown=5, lifespan="on"), on_shutdown=scheduler.drain)
+                                        timeout_graceful_shutdown=5, lifespan="on", **uvicorn_options(limits)),
+                         on_shutdown=scheduler.drain)
+        rate_limit()  # after uvicorn.Config, which configures uvicorn's loggers
         server.run()  # until SIGINT/SIGTERM; a port already taken is logged and exits 1
         return 0
     finally:
@@ -185,6 +207,16 @@ def _read_api_key(path: str) -> str:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         print(f"{PROG}: note: {path} is readable by other users; chmod 600 it", file=sys.stderr)
     return key
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_SECONDS):
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, {MAX_TIMEOUT_SECONDS}], got {text}")
+    return value
 
 
 def _url_host(host: str) -> str:

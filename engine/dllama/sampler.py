@@ -16,6 +16,11 @@ from typing import Iterable, NamedTuple
 import numpy as np
 
 TOP_K = 64  # candidates kept per node and after merging
+# Temperatures below this are greedy. Dividing by a tiny temperature overflows (1/1e-39 is inf in
+# float32, and 0 * inf is NaN), and long before that sampling is argmax already: at 1e-5 a logit
+# gap of 1e-3 (about the rounding of q80 activations) makes the runner-up e^-100 as likely, so
+# only ties within rounding noise could differ. (vLLM treats temperatures below 1e-5 the same way.)
+GREEDY_BELOW = 1e-5
 
 
 class Candidates(NamedTuple):
@@ -27,9 +32,9 @@ class Candidates(NamedTuple):
 
 
 class Sampler:
-    """temperature 0: argmax. Otherwise: softmax(logits / temperature), keep the smallest prefix of
-    the top 64 whose probability reaches topp, and draw from it with a seeded PCG64 generator
-    (one uniform draw per token)."""
+    """temperature 0 (or below GREEDY_BELOW): argmax. Otherwise: softmax(logits / temperature),
+    keep the smallest prefix of the top 64 whose probability reaches topp, and draw from it with a
+    seeded PCG64 generator (one uniform draw per token)."""
 
     def __init__(self, temperature: float = 0.8, topp: float = 0.9, seed: int | None = None) -> None:
         temperature = float(temperature)
@@ -42,7 +47,7 @@ class Sampler:
             seed = int.from_bytes(os.urandom(8), "little")
         elif not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.temperature = temperature
+        self.temperature = effective_temperature(temperature)
         self.topp = topp
         self.seed = int(seed)
         self.rng = np.random.Generator(np.random.PCG64(self.seed))
@@ -93,8 +98,14 @@ def candidates(logits: np.ndarray, temperature: float, offset: int = 0) -> Candi
         equal = np.flatnonzero(x == threshold)[: k - above.size]
         top = np.concatenate([above, equal])
     top = top[np.lexsort((top, -x[top]))]
+    temperature = effective_temperature(temperature)
     log_norm = _logsumexp(x, temperature) if temperature > 0 else 0.0
     return Candidates(top.astype(np.int64) + offset, x[top].copy(), log_norm)
+
+
+def effective_temperature(temperature: float) -> float:
+    """The temperature sampling uses: 0.0 (greedy) below GREEDY_BELOW, else temperature itself."""
+    return 0.0 if temperature < GREEDY_BELOW else float(temperature)
 
 
 def merge_candidates(parts: Iterable[tuple[np.ndarray, np.ndarray, float]]) -> Candidates:

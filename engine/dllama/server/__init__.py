@@ -7,6 +7,8 @@
     errors.py     ApiError: an HTTP status plus OpenAI's error body
     metrics.py    the Prometheus registry
     app.py        the starlette routes, SSE streaming, auth, body limits
+    connections.py  uvicorn's h11 protocol with read deadlines, a connection cap, JSON errors
+    logs.py       warnings a client can cause, rate-limited
 
 Only app.py imports starlette; host.py imports nothing beyond the standard library, so the
 engine may raise `WorkerLost` without pulling in the web stack.

@@ -16,6 +16,10 @@ from .errors import ApiError, bad_request
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 16
 SEED_MODULUS = 1 << 64  # OpenAI seeds may be negative; the sampler's are 64-bit unsigned
+# Objects and lists nested deeper than this are refused: everything downstream of parsing (copies,
+# the chat template) recurses once per level, and a real request nests about 5 deep
+# (body > messages > message > content > part).
+MAX_JSON_DEPTH = 32
 
 
 @dataclass
@@ -51,6 +55,10 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise bad_request(f"We could not parse the JSON body of your request: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    too_deep = _nested_too_deep(data)
+    if too_deep is not None:
+        raise bad_request(f"'{too_deep}' nests objects or lists deeper than {MAX_JSON_DEPTH} levels.",
+                          param=too_deep, code="invalid_value")
     try:  # JSON may escape lone surrogates (\ud800) that no tokenizer can take
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -127,6 +135,21 @@ def completion_request(data: dict[str, Any], defaults: Sampling, default_max_tok
     if "max_tokens" not in data:
         max_tokens = default_max_tokens  # OpenAI's default for completions
     return CompletionRequest(prompt=prompt, echo=echo, sampling=_sampling(data, defaults, max_tokens))
+
+
+def _nested_too_deep(data: dict[str, Any]) -> str | None:
+    """The first top-level field nesting deeper than MAX_JSON_DEPTH (the body itself is level 1),
+    or None. A loop, not recursion: this is what keeps recursion away from the rest."""
+    stack: list[tuple[str, Any, int]] = [(name, value, 2) for name, value in data.items()]
+    while stack:
+        name, value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            return name
+        stack.extend((name, child, depth + 1) for child in children)
+    return None
 
 
 # fields
