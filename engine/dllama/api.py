@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import prometheus_client
 import uvicorn
+
+from dllama.cluster.auth import warn_if_shared
 
 PROG = "dllama-api"
 EXIT_ERROR = 1
@@ -204,8 +205,7 @@ def _read_api_key(path: str) -> str:
         raise ApiStartError(f"the API key file {path} is empty")
     if any(c.isspace() for c in key):
         raise ApiStartError(f"the API key in {path} contains whitespace")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        print(f"{PROG}: note: {path} is readable by other users; chmod 600 it", file=sys.stderr)
+    warn_if_shared(path, mode, PROG)
     return key
 
 
