@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import os
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ MAGIC = 0x5354504C
 TOP_K = 64
 TOPK = struct.Struct(f"<{TOP_K}i{TOP_K}ffi")  # TopK: ids, logits, log_norm, count (520 bytes)
 NONE, LOGITS, CANDIDATES, STOP = 0, 1, 2, 3
+PROMPT = [9707, 11, 1879, 0, 3838]
 VOCAB_END = 151936  # the tiny preset's vocabulary; the worker's slice of two nodes ends there
 
 
@@ -131,8 +133,8 @@ def model(tmp_path_factory):
         yield f
 
 
-def node_core(model: ModelFile, node: int) -> _core.Transformer:
-    slices = plan_slices(model.config, [1.0, 1.0])
+def node_core(model: ModelFile, node: int, nodes: int = 2) -> _core.Transformer:
+    slices = plan_slices(model.config, [1.0] * nodes)
     core = _core.Transformer(native_config(model.config), slices[node].native(), nthreads=1, max_seq_len=32,
                              max_batch=8)
     for t in node_tensors(model, slices[node]):
@@ -378,3 +380,33 @@ def test_a_mesh_refuses_bad_keys_and_closes_its_sockets(keys, why):
         far.settimeout(5)
         assert far.recv(1) == b""  # the mesh closed its end
 
+
+
+def test_three_native_nodes_with_keys_compute_what_one_node_does(model):
+    """Every pair with its own key: the all-reduces interleave three tagged streams per node."""
+    nodes = 3
+    pair_keys = {(i, j): os.urandom(32) for i in range(nodes) for j in range(i + 1, nodes)}
+    fds = [[-1] * nodes for _ in range(nodes)]
+    for i, j in pair_keys:
+        a, b = connected_pair()
+        fds[i][j], fds[j][i] = a.detach(), b.detach()
+    names = ["root"] + [f"worker {i}" for i in range(1, nodes)]
+    meshes = [_core.Mesh(i, fds[i], names, 5000, keys=[b"" if i == j else pair_keys[min(i, j), max(i, j)]
+                                                          for j in range(nodes)]) for i in range(nodes)]
+    cores = [node_core(model, i, nodes) for i in range(nodes)]
+    slices = plan_slices(model.config, [1.0] * nodes)
+    cores[0].attach_root(meshes[0], False, [s.vocab[1] - s.vocab[0] for s in slices])
+    alone = _core.Transformer(native_config(model.config), None, nthreads=1, max_seq_len=32, max_batch=8)
+    for t in node_tensors(model, plan_slices(model.config, [1.0])[0]):
+        alone.bind(t.name, model.buffer, t.offset, t.rows, t.cols, t.row_stride, int(t.type))
+    alone.check_bound()
+    with ThreadPoolExecutor(nodes - 1) as pool:
+        served = [pool.submit(cores[i].serve, meshes[i], False) for i in range(1, nodes)]
+        got = [cores[0].step(PROMPT, 0, LOGITS), cores[0].step([11], len(PROMPT), LOGITS)]
+        cores[0].detach()
+        reasons = [f.result(timeout=20) for f in served]
+    expected = [alone.forward(PROMPT, 0), alone.forward([11], len(PROMPT))]
+    for e, g in zip(expected, got):
+        assert float(np.max(np.abs(e - g))) / float(e.max() - e.min()) <= 1e-4
+    assert reasons == ["the root ended the session"] * (nodes - 1)
+    assert all(m.stats()["mac_seconds"] > 0 for m in meshes)
