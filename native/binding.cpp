@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -135,8 +136,16 @@ SlicePlan plan_from(const ModelConfig& c, const py::object& obj) {
 
 struct PyMesh {
     std::unique_ptr<Mesh> mesh;
-    PyMesh(int node, std::vector<int> fds, std::vector<std::string> names, int timeout_ms)
-        : mesh(std::make_unique<Mesh>(node, std::move(fds), std::move(names), timeout_ms)) {}
+    PyMesh(int node, std::vector<int> fds, std::vector<std::string> names, int timeout_ms,
+           std::optional<std::vector<py::bytes>> keys)
+        : mesh(std::make_unique<Mesh>(node, std::move(fds), std::move(names), timeout_ms, key_bytes(keys))) {}
+
+    static std::vector<std::string> key_bytes(const std::optional<std::vector<py::bytes>>& keys) {
+        std::vector<std::string> out;
+        if (keys)
+            for (const py::bytes& k : *keys) out.push_back(k);
+        return out;
+    }
 };
 
 // Owns the Transformer and keeps every buffer it reads weights from in place (F32) alive.
@@ -190,7 +199,7 @@ struct PyTransformer {
         if (output == 1) return std::move(logits);
         if (output == 0) return py::none();
         py::list out;
-        for (const TopK& t : parts) {
+        for (const TopK& t : parts) {  // each count checked by ClusterRoot::step as it came in
             py::array_t<int32_t> pid(t.count);
             py::array_t<float> plog(t.count);
             std::memcpy(pid.mutable_data(), t.ids, t.count * sizeof(int32_t));
@@ -280,9 +289,13 @@ PYBIND11_MODULE(_core, m) {
     py::register_exception<NetError>(m, "NetworkError", PyExc_ConnectionError);
 
     py::class_<PyMesh>(m, "Mesh")
-        .def(py::init<int, std::vector<int>, std::vector<std::string>, int>(), py::arg("node"), py::arg("fds"),
-             py::arg("names"), py::arg("timeout_ms") = 10000,
-             "Takes ownership of one connected socket per other node (-1 for this node).")
+        .def(py::init<int, std::vector<int>, std::vector<std::string>, int, std::optional<std::vector<py::bytes>>>(),
+             py::arg("node"), py::arg("fds"), py::arg("names"), py::arg("timeout_ms") = 10000,
+             py::arg("keys") = py::none(),
+             "Takes ownership of one connected socket per other node (-1 for this node). keys: None or [] for\n"
+             "plain messages, else one per node (b'' for this node, 32 bytes shared with each other node):\n"
+             "every message then carries a 16-byte keyed BLAKE2b tag over (sender u32 LE, that direction's\n"
+             "message counter u64 LE, payload), and one that fails it is a NetworkError naming its sender.")
         .def_property_readonly("node", [](PyMesh& self) { return self.mesh->node(); })
         .def_property_readonly("size", [](PyMesh& self) { return self.mesh->size(); })
         .def("stats", [](PyMesh& self) {
@@ -290,6 +303,7 @@ PYBIND11_MODULE(_core, m) {
             d["sent"] = self.mesh->stats.sent;
             d["received"] = self.mesh->stats.received;
             d["sync_seconds"] = self.mesh->stats.sync_seconds;
+            d["mac_seconds"] = self.mesh->stats.mac_seconds;
             return d;
         });
 

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <string>
 
 #include "kernels.h"
 
@@ -30,6 +31,30 @@ TopK top_k(const float* logits, int n, int id_offset, float temperature) {
     out.log_norm = top + (float)std::log(sum);
     return out;
 }
+
+namespace {
+
+bool temperature_in_range(float t) { return std::isfinite(t) && t >= 0; }
+
+// What makes a worker's top-k reply unusable ("" if nothing): the root copies `count` entries and
+// the sampler takes the ids as tokens, so each must be what a node with that slice sends. -inf
+// is a masked logit (and -inf log_norm a fully masked slice); NaN and +inf are never sent.
+std::string top_k_problem(const TopK& t, int vocab_begin, int vocab_size) {
+    const int expected = std::min(kTopK, vocab_size);
+    if (t.count != expected)
+        return "count " + std::to_string(t.count) + " where its slice gives " + std::to_string(expected);
+    auto bad = [](float x) { return std::isnan(x) || x == INFINITY; };
+    for (int i = 0; i < t.count; i++) {
+        if (t.ids[i] < vocab_begin || t.ids[i] - vocab_begin >= vocab_size)
+            return "id " + std::to_string(t.ids[i]) + " outside its vocab slice [" + std::to_string(vocab_begin) + ", " +
+                   std::to_string((int64_t)vocab_begin + vocab_size) + ")";
+        if (bad(t.logits[i])) return "logit " + std::to_string(i) + " is NaN or +inf";
+    }
+    if (bad(t.log_norm)) return "log_norm is NaN or +inf";
+    return "";
+}
+
+}  // namespace
 
 MeshAllReduce::MeshAllReduce(Mesh& mesh, bool q80, int max_batch, int dim) : mesh_(mesh), q80_(q80) {
     const size_t row = q80 ? dim / kBlockSize * sizeof(BlockQ80) : dim * sizeof(float);
@@ -76,6 +101,17 @@ ClusterRoot::ClusterRoot(Transformer& model, Mesh& mesh, bool q80, std::vector<i
       all_reduce_(mesh, q80, model.max_batch(), model.config().dim),
       worker_vocab_(std::move(worker_vocab)) {
     if ((int)worker_vocab_.size() != mesh.size()) throw std::invalid_argument("one vocab slice size per node");
+    // the slices cover the vocabulary in node order from the root's, which starts at 0: the root
+    // writes every worker's logits after its own and checks each worker's ids against its range
+    int64_t total = 0;
+    for (int size : worker_vocab_) {
+        if (size <= 0) throw std::invalid_argument("every node needs a non-empty vocab slice");
+        vocab_begin_.push_back((int)total);
+        total += size;
+    }
+    if (model.plan().vocab_begin != 0 || worker_vocab_[0] != model.plan().vocab() ||
+        total != model.config().vocab_size)
+        throw std::invalid_argument("the vocab slices must cover the vocabulary in node order, the root's first");
     model_.set_all_reduce(&all_reduce_);
     local_.resize(model.plan().vocab());
 }
@@ -84,9 +120,10 @@ void ClusterRoot::step(const int* tokens, int n, int pos, StepOutput output, flo
                        std::vector<TopK>* parts) {
     const bool wants = output != StepOutput::None;
     StepHeader header{kStepMagic, pos, n, (int32_t)output, temperature};
-    // a bad token or position must fail here, before the workers start on the step
+    // a bad token, position or temperature must fail here, before the workers start on the step
     model_.check_step(n, pos);
     model_.check_tokens(tokens, n);
+    if (!temperature_in_range(temperature)) throw std::invalid_argument("temperature must be a finite number >= 0");
     for (int p = 1; p < mesh_.size(); p++) {
         mesh_.send(p, &header, sizeof header);
         mesh_.send(p, tokens, (size_t)n * sizeof(int32_t));
@@ -102,7 +139,12 @@ void ClusterRoot::step(const int* tokens, int n, int pos, StepOutput output, flo
     } else if (output == StepOutput::TopK) {
         parts->resize(mesh_.size());
         (*parts)[0] = top_k(local_.data(), model_.plan().vocab(), model_.plan().vocab_begin, temperature);
-        for (int p = 1; p < mesh_.size(); p++) mesh_.recv(p, &(*parts)[p], sizeof(TopK));
+        for (int p = 1; p < mesh_.size(); p++) {
+            TopK& reply = (*parts)[p];
+            mesh_.recv(p, &reply, sizeof reply);
+            const std::string problem = top_k_problem(reply, vocab_begin_[p], worker_vocab_[p]);
+            if (!problem.empty()) throw NetError(p, mesh_.name(p) + ": sent a malformed top-k reply (" + problem + ")");
+        }
     }
 }
 
@@ -133,7 +175,8 @@ std::string serve_worker(Transformer& model, Mesh& mesh, bool q80) {
             if (h.magic != kStepMagic) return "the root sent a malformed step";
             if (h.output == (int32_t)StepOutput::Stop) return "the root ended the session";
             if (h.n_tokens <= 0 || h.n_tokens > model.max_seq_len() || h.pos < 0 ||
-                (int64_t)h.pos + h.n_tokens > model.max_seq_len() || h.output < 0 || h.output > 2)
+                (int64_t)h.pos + h.n_tokens > model.max_seq_len() || h.output < 0 || h.output > 2 ||
+                !temperature_in_range(h.temperature))
                 return "the root sent a step out of range";
             tokens.resize(h.n_tokens);
             mesh.recv(0, tokens.data(), tokens.size() * sizeof(int32_t));

@@ -5,7 +5,11 @@
 //
 //  root -> worker, per step        | StepHeader (20 bytes) | tokens: n_tokens x int32 |
 //  every node <-> every node        | partial sums: n_tokens x dim, Q80 blocks or float32 |  x 2 per layer
-//  worker -> root, per step         | nothing | vocab slice float32 | TopK (516 bytes) |
+//  worker -> root, per step         | nothing | vocab slice float32 | TopK (520 bytes) |
+//
+// With cluster keys, each of these messages is followed by its 16-byte tag (net.h, mac.h).
+// Everything read off the mesh is checked before use: a worker checks the step header, the
+// root every top-k reply (ClusterRoot::step).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -61,7 +65,8 @@ class ClusterRoot {
 public:
     ClusterRoot(Transformer& model, Mesh& mesh, bool q80, std::vector<int> worker_vocab);
     // Runs tokens at pos on every node. Logits: `logits` receives the full vocabulary.
-    // TopK: `parts` receives one entry per node (node order).
+    // TopK: `parts` receives one entry per node (node order), each checked: a worker's bad reply
+    // is a NetError naming it. temperature: finite and >= 0 (0: greedy).
     void step(const int* tokens, int n, int pos, StepOutput output, float temperature, float* logits,
               std::vector<TopK>* parts);
     void stop();
@@ -71,6 +76,7 @@ private:
     Mesh& mesh_;
     MeshAllReduce all_reduce_;
     std::vector<int> worker_vocab_;  // vocab slice size of each node
+    std::vector<int> vocab_begin_;  // first vocab id of each node's slice (slices follow node order)
     std::vector<float> local_;
 };
 

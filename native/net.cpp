@@ -1,6 +1,7 @@
 #include "net.h"
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -10,13 +11,69 @@
 
 namespace dllama {
 
-Mesh::Mesh(int node, std::vector<int> fds, std::vector<std::string> names, int timeout_ms)
+namespace {
+
+// One message on the wire: its payload, then its tag (none without keys). Both go out in one
+// sendmsg and come in through one recvmsg, so a tag costs no extra packet or system call.
+struct Wire {
+    uint8_t* payload;
+    size_t bytes;
+    uint8_t* tag;
+    size_t tag_bytes;
+
+    size_t size() const { return bytes + tag_bytes; }
+
+    // What is left of the message after its first `done` bytes.
+    msghdr rest(size_t done, iovec (&iov)[2]) const {
+        int parts = 0;
+        if (done < bytes) iov[parts++] = {payload + done, bytes - done};
+        const size_t tag_done = done > bytes ? done - bytes : 0;
+        if (tag_done < tag_bytes) iov[parts++] = {tag + tag_done, tag_bytes - tag_done};
+        msghdr m{};
+        m.msg_iov = iov;
+        m.msg_iovlen = parts;
+        return m;
+    }
+};
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+Mesh::Mesh(int node, std::vector<int> fds, std::vector<std::string> names, int timeout_ms,
+           std::vector<std::string> keys)
     : node_(node), fds_(std::move(fds)), names_(std::move(names)), timeout_ms_(timeout_ms) {
-    if (node_ < 0 || node_ >= (int)fds_.size()) throw std::invalid_argument("mesh: node index out of range");
-    if (names_.size() != fds_.size()) throw std::invalid_argument("mesh: one name per node");
+    try {
+        if (node_ < 0 || node_ >= (int)fds_.size()) throw std::invalid_argument("mesh: node index out of range");
+        if (names_.size() != fds_.size()) throw std::invalid_argument("mesh: one name per node");
+        for (size_t i = 0; i < fds_.size(); i++)
+            if ((int)i != node_ && fds_[i] < 0) throw std::invalid_argument("mesh: missing socket to " + names_[i]);
+        if (!keys.empty()) {
+            if (keys.size() != fds_.size()) throw std::invalid_argument("mesh: one key per node (or none at all)");
+            keys_.resize(keys.size());
+            for (size_t i = 0; i < keys.size(); i++) {
+                if ((int)i == node_) {
+                    if (!keys[i].empty()) throw std::invalid_argument("mesh: this node's own key must be empty");
+                    continue;
+                }
+                if (keys[i].size() != kMacKeyBytes)
+                    throw std::invalid_argument("mesh: the key for " + names_[i] + " must be " +
+                                                std::to_string(kMacKeyBytes) + " bytes, got " +
+                                                std::to_string(keys[i].size()));
+                std::memcpy(keys_[i].data(), keys[i].data(), kMacKeyBytes);
+            }
+        }
+    } catch (...) {
+        for (int fd : fds_)
+            if (fd >= 0) close(fd);
+        throw;
+    }
+    sent_messages_.assign(fds_.size(), 0);
+    received_messages_.assign(fds_.size(), 0);
     for (size_t i = 0; i < fds_.size(); i++) {
         if ((int)i == node_) continue;
-        if (fds_[i] < 0) throw std::invalid_argument("mesh: missing socket to " + names_[i]);
         const int one = 1;
         setsockopt(fds_[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         // a peer that vanishes without a FIN (power cut, cable) is noticed within ~20 s even
@@ -36,9 +93,27 @@ Mesh::~Mesh() {
 
 void Mesh::fail(int peer, const std::string& what) const { throw NetError(peer, names_[peer] + ": " + what); }
 
+MacTag Mesh::outgoing_tag(int peer, const void* data, size_t bytes) {
+    if (keys_.empty()) return {};
+    const auto start = std::chrono::steady_clock::now();
+    const MacTag tag = message_tag(keys_[peer], (uint32_t)node_, sent_messages_[peer]++, data, bytes);
+    stats.mac_seconds += seconds_since(start);
+    return tag;
+}
+
+void Mesh::verify(int peer, const void* data, size_t bytes, const MacTag& tag) {
+    if (keys_.empty()) return;
+    const auto start = std::chrono::steady_clock::now();
+    const bool good = tags_equal(tag, message_tag(keys_[peer], (uint32_t)peer, received_messages_[peer]++, data, bytes));
+    stats.mac_seconds += seconds_since(start);
+    if (!good) fail(peer, "message failed authentication (wrong cluster key or tampered traffic)");
+}
+
 void Mesh::send(int peer, const void* data, size_t bytes) {
-    const uint8_t* p = static_cast<const uint8_t*>(data);
-    while (bytes > 0) {
+    MacTag tag = outgoing_tag(peer, data, bytes);
+    const Wire msg{const_cast<uint8_t*>(static_cast<const uint8_t*>(data)), bytes, tag.data(), tag_bytes()};
+    size_t done = 0;
+    while (done < msg.size()) {
         pollfd pfd{fds_[peer], POLLOUT, 0};
         const int ready = poll(&pfd, 1, timeout_ms_);
         if (ready == 0) fail(peer, "timed out sending");
@@ -46,43 +121,56 @@ void Mesh::send(int peer, const void* data, size_t bytes) {
             if (errno == EINTR) continue;
             fail(peer, std::string("poll failed: ") + strerror(errno));
         }
-        const ssize_t n = ::send(fds_[peer], p, bytes, MSG_NOSIGNAL);
+        iovec iov[2];
+        const msghdr m = msg.rest(done, iov);
+        const ssize_t n = ::sendmsg(fds_[peer], &m, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EINTR || errno == EAGAIN) continue;
             fail(peer, std::string("send failed: ") + strerror(errno));
         }
-        p += n;
-        bytes -= (size_t)n;
+        done += (size_t)n;
         stats.sent += (uint64_t)n;
     }
 }
 
 void Mesh::recv(int peer, void* data, size_t bytes, bool wait_forever) {
-    uint8_t* p = static_cast<uint8_t*>(data);
-    bool first = true;
-    while (bytes > 0) {
+    MacTag tag{};
+    const Wire msg{static_cast<uint8_t*>(data), bytes, tag.data(), tag_bytes()};
+    size_t done = 0;
+    while (done < msg.size()) {
         pollfd pfd{fds_[peer], POLLIN, 0};
-        const int ready = poll(&pfd, 1, wait_forever && first ? -1 : timeout_ms_);
+        const int ready = poll(&pfd, 1, wait_forever && done == 0 ? -1 : timeout_ms_);
         if (ready == 0) fail(peer, "timed out waiting for data");
         if (ready < 0) {
             if (errno == EINTR) continue;
             fail(peer, std::string("poll failed: ") + strerror(errno));
         }
-        const ssize_t n = ::recv(fds_[peer], p, bytes, 0);
+        iovec iov[2];
+        msghdr m = msg.rest(done, iov);
+        const ssize_t n = ::recvmsg(fds_[peer], &m, 0);
         if (n == 0) fail(peer, "connection closed");
         if (n < 0) {
             if (errno == EINTR || errno == EAGAIN) continue;
             fail(peer, std::string("receive failed: ") + strerror(errno));
         }
-        first = false;
-        p += n;
-        bytes -= (size_t)n;
+        done += (size_t)n;
         stats.received += (uint64_t)n;
     }
+    verify(peer, data, bytes, tag);
 }
 
 void Mesh::exchange(const uint8_t* out, uint8_t* in, size_t bytes) {
     const int n = size();
+    // every tag is computed before the first byte goes out: the loop below only moves bytes
+    std::vector<MacTag> out_tags(n), in_tags(n);
+    std::vector<Wire> outgoing(n), incoming(n);
+    for (int p = 0; p < n; p++) {
+        if (p == node_) continue;
+        out_tags[p] = outgoing_tag(p, out, bytes);
+        outgoing[p] = {const_cast<uint8_t*>(out), bytes, out_tags[p].data(), tag_bytes()};
+        incoming[p] = {in + (size_t)p * bytes, bytes, in_tags[p].data(), tag_bytes()};
+    }
+    const size_t total = bytes + tag_bytes();
     std::vector<size_t> sent(n, 0), got(n, 0);
     std::vector<pollfd> pfds;
     std::vector<int> peer_of;
@@ -92,8 +180,8 @@ void Mesh::exchange(const uint8_t* out, uint8_t* in, size_t bytes) {
         for (int p = 0; p < n; p++) {
             if (p == node_) continue;
             short events = 0;
-            if (sent[p] < bytes) events |= POLLOUT;
-            if (got[p] < bytes) events |= POLLIN;
+            if (sent[p] < total) events |= POLLOUT;
+            if (got[p] < total) events |= POLLIN;
             if (!events) continue;
             pfds.push_back({fds_[p], events, 0});
             peer_of.push_back(p);
@@ -107,19 +195,23 @@ void Mesh::exchange(const uint8_t* out, uint8_t* in, size_t bytes) {
         }
         for (size_t k = 0; k < pfds.size(); k++) {
             const int p = peer_of[k];
+            iovec iov[2];
             if (pfds[k].revents & POLLIN) {
-                const ssize_t r = ::recv(fds_[p], in + (size_t)p * bytes + got[p], bytes - got[p], MSG_DONTWAIT);
+                msghdr m = incoming[p].rest(got[p], iov);
+                const ssize_t r = ::recvmsg(fds_[p], &m, MSG_DONTWAIT);
                 if (r == 0) fail(p, "connection closed");
                 if (r < 0 && errno != EAGAIN && errno != EINTR) fail(p, std::string("receive failed: ") + strerror(errno));
                 if (r > 0) {
                     got[p] += (size_t)r;
                     stats.received += (uint64_t)r;
+                    if (got[p] == total) verify(p, incoming[p].payload, bytes, in_tags[p]);
                 }
             } else if (pfds[k].revents & (POLLERR | POLLHUP | POLLNVAL)) {
                 fail(p, "connection lost");
             }
             if (pfds[k].revents & POLLOUT) {
-                const ssize_t s = ::send(fds_[p], out + sent[p], bytes - sent[p], MSG_DONTWAIT | MSG_NOSIGNAL);
+                const msghdr m = outgoing[p].rest(sent[p], iov);
+                const ssize_t s = ::sendmsg(fds_[p], &m, MSG_DONTWAIT | MSG_NOSIGNAL);
                 if (s < 0 && errno != EAGAIN && errno != EINTR) fail(p, std::string("send failed: ") + strerror(errno));
                 if (s > 0) {
                     sent[p] += (size_t)s;
