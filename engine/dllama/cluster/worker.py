@@ -71,6 +71,10 @@ class Worker:
         except PeerClosed:  # a port probe (a health check, a scan): nothing to say
             conn.close()
             return None
+        except Refused as e:
+            self.warn("handshake", f"refused root {peer}: {e}")
+            conn.close()
+            return None
         except ProtocolError as e:
             self.warn("handshake", f"caller {peer} dropped: {e}")
             conn.close()
@@ -89,14 +93,14 @@ class Worker:
         if dialled != here:
             ch.send_error(f"this worker is {here}, the root reached {printable(dialled, 100)}: the connection was "
                           "relayed or translated (NAT); point the root at the worker's own address")
-            raise ProtocolError(f"refused: the root reached {dialled}, not this worker's {here} (relayed or NAT)")
+            raise Refused(f"it reached {printable(dialled, 100)}, not this worker's {here} (relayed or NAT)")
         worker_nonce = auth.nonce()
         ch.send_json(Frame.CHALLENGE, {"nonce": worker_nonce})
         claim = ch.recv_json(Frame.AUTH)
         fields = (root_nonce, worker_nonce, here)
         if not auth.check(self.key, claim.get("proof"), "root proof", *fields):
             ch.send_error("cluster key mismatch: the worker refused this root")
-            raise ProtocolError("refused: it does not hold this worker's cluster key")
+            raise Refused("it does not hold this worker's cluster key")
         ch.send_json(Frame.AUTH_OK, {"proof": auth.proof(self.key, "worker proof", *fields)})
         session_key = auth.derive(self.key, "session", *fields)
         ch.authenticate(auth.derive(session_key, "control"))
@@ -143,23 +147,23 @@ class Worker:
         total = sum(sizes)
         weights = self.cache.load(session.cache_key, total) if self.cache else None
         cached = weights is not None
-        stored = False
-        try:
-            with socket.create_server((self.host, 0)) as mesh_listener:
-                ch.send_json(Frame.CONFIG_OK, {"cached": cached, "mesh_port": mesh_listener.getsockname()[1]})
-                ch.set_timeout(BETWEEN_PHASES_TIMEOUT)
-                if not cached:
-                    weights, digest = self.receive_weights(ch, sizes)
-                    if self.cache:
-                        self.cache.store(session.cache_key, weights, digest)
-                        stored = True
+        with socket.create_server((self.host, 0)) as mesh_listener:
+            ch.send_json(Frame.CONFIG_OK, {"cached": cached, "mesh_port": mesh_listener.getsockname()[1]})
+            ch.set_timeout(BETWEEN_PHASES_TIMEOUT)
+            if not cached:
+                weights, digest = self.receive_weights(ch, sizes)
+                if self.cache:
+                    self.cache.store(session.cache_key, weights, digest)
+            try:
                 model = self.build(session, weights)
-                del weights  # bind copied what the model reads: free the buffer
-                links = self.wire_mesh(ch, session, mesh_listener)
-        except BaseException:
-            if stored:  # a session that failed may have stored what made it fail
-                self.cache.discard(session.cache_key)
-            raise
+            except BaseException:
+                # an entry no model can be built from would fail every root that asks for it;
+                # one whose session fails later (a peer missing) is right and is kept for the retry
+                if self.cache:
+                    self.cache.discard(session.cache_key)
+                raise
+            del weights  # bind copied what the model reads: free the buffer
+            links = self.wire_mesh(ch, session, mesh_listener)
         ch.send(Frame.READY)
         ch.set_timeout(None)
         fds, keys, names = links
