@@ -113,6 +113,13 @@ def cluster(model: Path, c: ModelConfig, args, one_node_tok_s: float, prompt: li
     print(f"  MACs on the data plane: {on['mac'] / n:.3f} ms per token computing tags = "
           f"{on['mac'] / n / ms_on:.1%} of decode; without them {off['tok_s']:.2f} tok/s "
           f"(on/off = {on['tok_s'] / off['tok_s']:.3f}, best of 2 each)")
+    # Each node tags what it sends to and receives from every peer, so the tag bytes grow with
+    # N - 1 while each node's share of the compute shrinks as 1 / N: the share at N nodes, from
+    # this run's cost per byte and an ideally scaling decode (an upper bound on the share).
+    ms_per_kb = on["mac"] / (on["sent"] + on["recv"])
+    shares = ", ".join(f"{nodes} nodes {ms_per_kb * (on['sent'] + on['recv']) / n * (nodes - 1) / (ms_on * 2 / nodes):.1%}"
+                       for nodes in (4, 8))
+    print(f"  tags at {1 / ms_per_kb / 1000:.2f} GB/s; their share of decode projected for {shares}")
 
 
 def cluster_decode(model: Path, args, prompt: list[int], worker: WorkerProcess, data_mac: bool) -> dict:
