@@ -33,6 +33,18 @@ def role_file(role, kind):
         return trusted(yaml.safe_load(f) or {})
 
 
+def imports(role):
+    """(role, vars) of every role that `role`'s tasks import: the worker and api roles import the
+    service role with its service_* values taken from their own knobs."""
+    path = ROOT / "roles" / role / "tasks" / "main.yml"
+    found = []
+    for task in (yaml.safe_load(path.read_text()) if path.exists() else None) or []:
+        args = task.get("ansible.builtin.import_role")
+        if args:
+            found.append((args["name"], trusted(task.get("vars", {}))))
+    return found
+
+
 def inventory(path):
     loader = DataLoader()
     inv = InventoryManager(loader=loader, sources=[path])
@@ -40,20 +52,26 @@ def inventory(path):
 
 
 def render(inventory, template, host, role, **extra):
-    """Role defaults < inventory < role vars < extra, like a play running `role` on `host`."""
+    """Role defaults < inventory < role vars < the vars `role` imports a role with < extra, like a
+    play running `role` on `host`; templates/ is the search path of {% extends %}, as for the
+    template module."""
     loader, inv, variables = inventory
     host_vars = variables.get_vars(host=inv.get_host(host))
+    imported = imports(role)
     context = {
+        **{k: v for name, _ in imported for k, v in role_file(name, "defaults").items()},
         **role_file(role, "defaults"),
         **host_vars,
         "hostvars": HostVars(inventory=inv, variable_manager=variables, loader=loader),
         **role_file(role, "vars"),
+        **{k: v for _, import_vars in imported for k, v in import_vars.items()},
         "ansible_managed": "Ansible managed",
         "ansible_facts": {"processor_nproc": 4},
         **trusted(extra),
     }
     source = (ROOT / "templates" / template).read_text()
-    return Templar(loader=loader, variables=context).template(trust_as_template(source))
+    templar = Templar(loader=loader, variables=context).copy_with_new_env(searchpath=[str(ROOT / "templates")])
+    return templar.template(trust_as_template(source))
 
 
 def inventory_facts(inv_tuple):

@@ -5,21 +5,15 @@ fails on the one real fault, the service that is not running. The play runs twic
 strategy falls back to Ansible's own."""
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from ansible_cli import run, tool
 
 
 @pytest.fixture(scope="module", params=["mitogen", "without mitogen"])
 def health_run(request, tmp_path_factory):
-    playbook = BIN / "ansible-playbook"
-    if not playbook.exists():
-        pytest.skip(f"ansible-playbook is not installed next to {sys.executable} (make deps)")
+    playbook = tool("ansible-playbook")
     inventory = tmp_path_factory.mktemp("health") / "hosts.yml"
     inventory.write_text(
         "cluster:\n  children:\n    workers:\n      hosts:\n        here:\n"
@@ -27,16 +21,12 @@ def health_run(request, tmp_path_factory):
         f"          ansible_python_interpreter: {sys.executable}\n"
         "          dllama_interface: lo\n"
         "    root:\n      hosts: {}\n")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_BECOME": "false"}
+    env = {"ANSIBLE_BECOME": "false"}
     if request.param == "without mitogen":
         hide = tmp_path_factory.mktemp("no-mitogen")
         (hide / "ansible_mitogen.py").write_text('raise ImportError("hidden by the test")\n')
-        env["PYTHONPATH"] = os.pathsep.join([str(hide), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([str(playbook), "-vvv", "-i", str(inventory), "ansible/health.yml",
-                           "-e", "ansible_become=false"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        env["PYTHONPATH"] = os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")])
+    proc = run(playbook, "-vvv", "-i", str(inventory), "ansible/health.yml", "-e", "ansible_become=false", **env)
     # Ansible's own local connection logs a shell command per task; Mitogen runs none.
     plain = "ESTABLISH LOCAL CONNECTION" in proc.stdout
     assert plain == (request.param == "without mitogen"), proc.stdout[-3000:]

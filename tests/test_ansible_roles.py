@@ -1,16 +1,20 @@
 """The roles' shape: every knob in defaults/main.yml is prefixed with the role's name and
 validated by meta/argument_specs.yml; every template a role writes exists in templates/; every
-notified handler exists under its lowercase name."""
+notified handler exists under its lowercase name; the worker and api roles keep their knobs and
+hand them to the service role they share."""
 
 import json
 import re
 from pathlib import Path
 
+import jinja2
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLES = ["network", "tuning", "engine", "model", "worker", "api"]
+ROLES = ["network", "tuning", "engine", "model", "service", "worker", "api"]
+# The roles that run a dllama service through the service role, with their unit.
+SERVICES = {"worker": "dllama-worker", "api": "dllama-api"}
 
 
 def load(path):
@@ -18,7 +22,7 @@ def load(path):
         return yaml.safe_load(f) or {}
 
 
-def tasks(role):
+def tasks(role, parts=("tasks", "handlers")):
     """Every task of a role's task and handler files, blocks flattened."""
     found = []
 
@@ -29,9 +33,15 @@ def tasks(role):
                 walk(item.get(key))
 
     for path in sorted((ROOT / "roles" / role).glob("*/*.yml")):
-        if path.parent.name in ("tasks", "handlers"):
+        if path.parent.name in parts:
             walk(load(path))
     return found
+
+
+def imports_of(role):
+    """The vars of every import of `role` by another role's tasks."""
+    return [task["vars"] for other in ROLES for task in tasks(other, parts=("tasks",))
+            if task.get("ansible.builtin.import_role", {}).get("name") == role]
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -45,7 +55,9 @@ def test_every_knob_is_prefixed_and_has_an_argument_spec(role):
     defaults = load(ROOT / "roles" / role / "defaults" / "main.yml")
     specs = load(ROOT / "roles" / role / "meta" / "argument_specs.yml")["argument_specs"]["main"]["options"]
     assert all(name.startswith(f"{role}_") for name in defaults), sorted(defaults)
-    assert set(defaults) == set(specs)
+    assert set(defaults) <= set(specs)
+    # an option without a default is one its caller must pass (the service role's)
+    assert all(name in defaults or spec.get("required") for name, spec in specs.items())
     assert all(spec.get("description") for spec in specs.values())
 
 
@@ -66,28 +78,69 @@ def test_templates_a_role_writes_exist_beside_site_yml(role):
     for task in tasks(role):
         args = task.get("ansible.builtin.template")
         if args:
-            assert (ROOT / "templates" / args["src"]).is_file(), args["src"]
+            # a templated source (the service role's) is rendered with each caller's values
+            callers = imports_of(role) if "{{" in args["src"] else [{}]
+            assert callers, f"{role}: {args['src']} is templated but no role imports {role}"
+            for values in callers:
+                src = jinja2.Template(args["src"]).render(values)
+                assert (ROOT / "templates" / src).is_file(), src
 
 
 @pytest.mark.parametrize("role", ROLES)
 def test_notified_handlers_exist_under_their_lowercase_names(role):
-    all_tasks = tasks(role)
-    listens = {t.get("listen") for t in all_tasks if "listen" in t}
-    assert all(name == name.lower() for name in listens)
-    for task in all_tasks:
+    # A handler answers to its listen topics, or to its name when it has none (the service role's
+    # `restart {{ service_unit }}`: a listen topic cannot be templated).
+    handlers = tasks(role, parts=("handlers",))
+    topics = {topic for h in handlers for topic in ([h["listen"]] if isinstance(h.get("listen"), str)
+                                                    else h.get("listen") or [h["name"]])}
+    assert all(name == name.lower() for name in topics)
+    for task in tasks(role):
         notify = task.get("notify")
         for name in [notify] if isinstance(notify, str) else notify or []:
-            assert name in listens, f"{role}: notify {name!r} has no handler"
+            assert name in topics, f"{role}: notify {name!r} has no handler"
 
 
 @pytest.mark.parametrize("role", ROLES)
 def test_task_names_are_imperative_sentences(role):
-    for task in tasks(role):
-        if "listen" in task:
-            continue
+    # a handler without listen topics is named by its notification, lowercase: not a sentence
+    for task in tasks(role, parts=("tasks",)) + [h for h in tasks(role, parts=("handlers",)) if "listen" in h]:
         name = task.get("name", "")
         assert name and name[0].isupper(), f"{role}: {task}"
         assert not name.endswith("."), name
+
+
+# What operators set on the two service roles (inventory, group_vars, -e) before they shared the
+# service role (commit 3d9f9eb); the dllama_* names they fall back to are in inventory/hosts.yml.
+OPERATOR_KNOBS = {
+    "worker": {"worker_venv", "worker_user", "worker_group", "worker_host", "worker_port", "worker_nthreads",
+               "worker_cluster_key_source", "worker_config_dir", "worker_cluster_key_file", "worker_cache_dir",
+               "worker_extra_args", "worker_memory_max", "worker_restart_sec"},
+    "api": {"api_venv", "api_user", "api_group", "api_port", "api_model_path", "api_tokenizer_path",
+            "api_buffer_float_type", "api_nthreads", "api_max_seq_len", "api_workers", "api_workers_group",
+            "api_worker_port", "api_cluster_key_source", "api_config_dir", "api_cluster_key_file", "api_key",
+            "api_key_file", "api_extra_args", "api_memory_max", "api_restart_sec"},
+}
+
+
+@pytest.mark.parametrize("role", SERVICES)
+def test_service_roles_keep_every_knob_operators_set(role):
+    assert OPERATOR_KNOBS[role] <= set(load(ROOT / "roles" / role / "defaults" / "main.yml"))
+
+
+@pytest.mark.parametrize("role", SERVICES)
+def test_service_roles_run_their_unit_through_the_service_role_alone(role):
+    # one place for how a dllama service is installed, configured and restarted
+    (task,) = tasks(role)
+    assert task["ansible.builtin.import_role"] == {"name": "service"}
+    assert task["vars"]["service_unit"] == SERVICES[role]
+    assert not (ROOT / "roles" / role / "handlers").exists()
+
+
+@pytest.mark.parametrize("role", SERVICES)
+def test_service_roles_pass_every_option_the_service_role_requires(role):
+    (values,) = [task["vars"] for task in tasks(role)]
+    specs = load(ROOT / "roles" / "service" / "meta" / "argument_specs.yml")["argument_specs"]["main"]["options"]
+    assert {name for name, spec in specs.items() if spec.get("required")} <= set(values) <= set(specs)
 
 
 def test_site_yml_checks_first_then_prepares_every_node_then_serves_by_group():

@@ -13,6 +13,7 @@ import yaml
 pytest.importorskip("ansible")
 
 ROOT = Path(__file__).resolve().parent.parent
+UNITS = Path(__file__).with_name("ansible_units")
 # Ansible patches interpreter internals when imported (sys.intern among them), which breaks
 # torch in the same process: the rendering runs in a child process of its own.
 RENDER = Path(__file__).with_name("ansible_render.py")
@@ -166,6 +167,17 @@ def test_a_service_is_stopped_and_restarted_past_its_memory_limit(inventory, tem
     assert one(unit, "OOMPolicy") == "stop"
     assert one(render(inventory, template, host, role, dllama_memory_max="6G"), "MemoryMax") == "6G"
     assert one(render(inventory, template, host, role, **{f"{role}_memory_max": "3500M"}), "MemoryMax") == "3500M"
+
+
+# -- both units, byte for byte as before the shared template -------------------------------------
+# A node provisioned before the units shared dllama-service-unit.j2 sees no change and no restart.
+
+@pytest.mark.parametrize("unit,host,role", [("dllama-worker", "pi-worker3", "worker"), ("dllama-api", "pi-root", "api")])
+@pytest.mark.parametrize("case", ["example", "every-knob"])
+def test_unit_renders_exactly_as_before_the_shared_template(inventory, unit, host, role, case):
+    knobs = yaml.safe_load((UNITS / "every-knob.yml").read_text())[role] if case == "every-knob" else {}
+    expected = (UNITS / f"{unit}.{case}.service").read_text()
+    assert render(inventory, f"{unit}.service.j2", host, role, **knobs) == expected
 
 
 # -- tuning ------------------------------------------------------------------------------------
