@@ -124,7 +124,7 @@ def cluster(model: Path, c: ModelConfig, args, one_node_tok_s: float, prompt: li
 
 def cluster_decode(model: Path, args, prompt: list[int], worker: WorkerProcess, data_mac: bool) -> dict:
     with Engine(model, nthreads=1, max_seq_len=args.prompt_tokens + args.decode_tokens + 8,
-                workers=[worker.address], data_mac=data_mac, progress=False) as engine:
+                workers=[worker.address], data_mac=data_mac) as engine:
         greedy = Sampler(temperature=0)
         token = engine.next_token(prompt, greedy)
         totals = dict(sync=0.0, sent=0.0, recv=0.0, mac=0.0)

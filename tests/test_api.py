@@ -44,7 +44,7 @@ def _dllama(*args: str) -> subprocess.CompletedProcess:
 
 def _api_command() -> list[str]:
     script = Path(sys.executable).with_name("dllama-api")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "dllama.api"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dllama.server.main"]
 
 
 def _free_port() -> int:
@@ -392,6 +392,27 @@ def test_a_missing_model_file_is_one_line_and_exit_1(tmp_path):
                          text=True, timeout=60)
     assert run.returncode == 1
     assert "model file not found" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_server_starts_as_dllama_does(tiny, tmp_path):
+    """One launcher: the same notes on ignored and mismatched flags, the same line describing the
+    model, each under its own command's name."""
+    hf, model = tiny
+    flags = ["--weights-float-type", "f32", "--nbatches", "2"]  # the model's weights are q40
+    srv = start_server(tiny, tmp_path, *flags)
+    stop_server(srv)
+    served = srv.log.read_text()
+    ran = _dllama("inference", "--model", model, "--tokenizer", hf, "--prompt", "Hi", "--steps", 1,
+                  "--buffer-float-type", "q80", "--nthreads", NTHREADS, "--max-seq-len", CONTEXT, *flags).stderr
+
+    def description(prog: str, text: str) -> str:
+        return next(line[len(prog) + 2:] for line in text.splitlines() if line.startswith(f"{prog}: qwen3_moe, "))
+
+    for prog, text in (("dllama-api", served), ("dllama", ran)):
+        assert f"{prog}: note: --nbatches is ignored (the prompt is evaluated in one batch)" in text, text
+        assert f"{prog}: note: the model's weights are q40, not f32" in text, text
+    assert description("dllama-api", served) == description("dllama", ran)
+    assert f"context {CONTEXT}, buffer q80, 1 thread, 1 node" in description("dllama", ran)
 
 
 def test_shutting_down_ends_a_stream_with_an_error_event_at_once(tiny, tmp_path):

@@ -242,6 +242,27 @@ def test_chat_rewinds_to_the_common_prefix(scripted: Path, tok: Tokenizer, monke
     assert prefills[1] == (common, turn2[common:])
 
 
+class ForwardOnlyEngine(ScriptedEngine):
+    """An engine without rewind(n): only reset() forgets (generate's EngineLike)."""
+
+    rewind = None
+
+
+def test_chat_without_rewind_starts_over_when_the_template_rewrote_a_turn(scripted: Path, tok: Tokenizer,
+                                                                          monkeypatch, capsys) -> None:
+    monkeypatch.setattr(dllama, "Engine", ForwardOnlyEngine)
+    end = tok.token_to_id("<|im_end|>")
+    first = tok.encode("Sure.")
+    ScriptedEngine.script = [*first, end, *tok.encode("Ok."), end]
+    assert chat(scripted, monkeypatch, "a\nb\n", "--no-enable-thinking") == 0
+    engine = ScriptedEngine.instances[0]
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "Sure."}, {"role": "user", "content": "b"}]
+    turn2 = tok.encode(tok.apply_chat_template(conversation, enable_thinking=False), add_special_tokens=False)
+    prefills = [call for call in engine.calls if len(call[1]) > 1]
+    assert prefills[1] == (0, turn2)  # the common prefix could not be kept: all of it again, from 0
+
+
 def test_chat_clear_and_eof(scripted: Path, tok: Tokenizer, monkeypatch, capsys) -> None:
     end = tok.token_to_id("<|im_end|>")
     ScriptedEngine.script = [*tok.encode("One."), end, *tok.encode("Two."), end]

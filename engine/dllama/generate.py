@@ -1,4 +1,5 @@
-"""The generation loop and the figures an operator compares at the end of a run.
+"""The generation loop, the prefix cache between sequences, and the figures an operator compares
+at the end of a run.
 
 generate() drives any engine with this shape:
     forward(tokens: list[int]) -> np.ndarray   logits of the last token; advances position
@@ -7,6 +8,7 @@ generate() drives any engine with this shape:
     reset()                                    empty the KV cache (position 0)
     stats() -> dict (optional)                 figures of the last forward call: sync_ms,
                                                sent_kb, recv_kb (each optional)
+    rewind(n) (optional)                       keep the first n tokens of the KV cache
 """
 from __future__ import annotations
 
@@ -131,6 +133,41 @@ def generate(
         prefill_net=_per_token(prefill_net, len(prompt_ids)),
         decode_net=_per_token(decode_net, decode_tokens),
     )
+
+
+class PrefixCache:
+    """The tokens the engine's KV cache holds, in order. A new sequence keeps the longest common
+    prefix (at least one prompt token is always evaluated: its logits are not stored); an engine
+    without rewind(n) keeps it only when the sequence grew at its end."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+    def reuse(self, engine: Any, ids: list[int]) -> int:
+        """Makes the engine hold the longest usable prefix of ids; returns its length (ids[that:]
+        are what to evaluate)."""
+        if engine.position != len(self.tokens):  # someone else moved the engine: nothing is known
+            self.tokens = []
+        keep, limit = 0, min(len(self.tokens), len(ids) - 1)
+        while keep < limit and self.tokens[keep] == ids[keep]:
+            keep += 1
+        if keep < engine.position:
+            rewind = getattr(engine, "rewind", None)
+            if keep > 0 and callable(rewind):
+                rewind(keep)
+            else:
+                engine.reset()
+                keep = 0
+        del self.tokens[keep:]
+        return keep
+
+    def record(self, engine: Any, fed: list[int]) -> None:
+        """After a sequence: fed are the tokens given to the engine since reuse() (the prompt's
+        rest, then the generated ones); the cache holds those up to the engine's position."""
+        self.tokens = (self.tokens + fed)[: engine.position]
+
+    def clear(self) -> None:
+        self.tokens = []
 
 
 def _next_token(engine: Any, tokens: list[int], sampler: Sampler) -> int:

@@ -9,7 +9,6 @@ a mapping would kill the worker with SIGBUS, where a short read is only a damage
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,20 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .digest import digest_of, weight_digest  # noqa: F401 - digest_of: what store() expects
+
 READ_CHUNK = 16 * 1024 * 1024
 MAX_META_BYTES = 4096  # a .json is about 100 bytes
 # A temporary file this old belongs to a writer that died; a live one writes a multi-GB entry
 # to an SD card in well under an hour.
 STALE_TEMP_SECONDS = 24 * 3600
 _KEY = re.compile(r"[0-9a-f]{1,128}")
-
-
-def digest_of(buffer) -> str:
-    h = hashlib.blake2b(digest_size=32)
-    view = memoryview(buffer).cast("B")
-    for i in range(0, len(view), READ_CHUNK):
-        h.update(view[i:i + READ_CHUNK])
-    return h.hexdigest()
 
 
 class DamagedEntry(Exception):
@@ -162,7 +155,7 @@ def _read_exactly(path: Path, size: int, digest: str) -> np.ndarray:
             raise DamagedEntry(f"it is {actual} bytes, its .json says {size}")
         buffer = np.empty(size, dtype=np.uint8)
         view = memoryview(buffer)
-        h = hashlib.blake2b(digest_size=32)
+        h = weight_digest()
         at = 0
         while at < size:
             n = f.readinto(view[at:at + READ_CHUNK])

@@ -2,20 +2,19 @@
 slice of the weights (unless its cache has them), and wire the mesh."""
 from __future__ import annotations
 
-import hashlib
 import socket
-import sys
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 from ..model_file import ModelFile
+from ..progress import byte_bar
 from . import auth
+from .digest import weight_digest
 from .errors import ClusterError
 from .plan import NodeSlice
 from .protocol import WEIGHT_CHUNK, WEIGHT_HEADER, Channel, Frame, ProtocolError
 from .session import Session
 from .slices import TensorSlice, node_tensors, slice_bytes
+from .sockets import keepalive
 
 CONNECT_TIMEOUT = 10.0
 # A worker answers CONFIG after checking its slice cache's digest and READY after building its
@@ -79,8 +78,7 @@ def connect_workers(model: ModelFile, slices: list[NodeSlice], workers: list[Wor
             if not reply["cached"]:
                 pending.append((address, ch, tensors))
         total = sum(t.nbytes for _, _, tensors in pending for t in tensors)
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="weights to workers",
-                  disable=not progress or total == 0, file=sys.stderr) as bar:
+        with byte_bar(total, "weights to workers", enabled=progress and total > 0) as bar:
             for address, ch, tensors in pending:
                 sent += _send_weights(ch, address, model, tensors, bar)
         session_id = auth.nonce()
@@ -113,6 +111,7 @@ def _dial(address: WorkerAddress, timeout: float) -> socket.socket:
     except OSError as e:
         raise ClusterError(str(address), f"cannot connect ({e.strerror or e})") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    keepalive(sock)
     return sock
 
 
@@ -147,7 +146,7 @@ def _introduce(ch: Channel, address: WorkerAddress, key: bytes, session: Session
 
 
 def _send_weights(ch: Channel, address, model: ModelFile, tensors: list[TensorSlice], bar) -> int:
-    digest = hashlib.blake2b(digest_size=32)
+    digest = weight_digest()
     sent = 0
     for index, t in enumerate(tensors):
         data = slice_bytes(model, t)

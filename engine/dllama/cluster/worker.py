@@ -4,7 +4,6 @@ the root did (went away, sent garbage, held the wrong key)."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import socket
 import sys
 import threading
@@ -17,12 +16,14 @@ from ..config import FloatType
 from ..engine import native_config
 from . import auth
 from .cache import SliceCache
+from .digest import weight_digest
 from .footprint import memory_refusal, session_memory_bytes
 from .gate import Gate, RateLimitedLog
 from .protocol import (WEIGHT_HEADER, Channel, Frame, PeerClosed, ProtocolError, RemoteError, decode_json,
                        printable)
 from .root import ROOT, WORKER
 from .session import Session
+from .sockets import keepalive
 
 HANDSHAKE_TIMEOUT = 10.0
 # The whole handshake, however the bytes trickle in: a stranger holds a slot this long at most.
@@ -180,7 +181,7 @@ class Worker:
     def receive_weights(self, ch: Channel, sizes: list[int]) -> tuple[np.ndarray, str]:
         """Tensor by tensor in manifest order, chunk by chunk; anything out of order is an error."""
         buffer = np.empty(sum(sizes), dtype=np.uint8)
-        digest = hashlib.blake2b(digest_size=32)
+        digest = weight_digest()
         index, offset, at = 0, 0, 0
         while True:
             kind, payload = ch.recv(Frame.WEIGHTS, Frame.WEIGHTS_DONE)
@@ -253,6 +254,7 @@ class Worker:
         except OSError as e:
             raise ProtocolError(f"cannot call worker node {j} at {address[0]}:{address[1]}: {e.strerror or e}") from None
         try:
+            keepalive(s)
             link = Channel(s, sender=me, peer=j)
             link.set_deadline(self.handshake_deadline)
             dialled, mine = auth.endpoint(s.getpeername()), auth.nonce()
@@ -279,6 +281,7 @@ class Worker:
         def introduce(s: socket.socket, peer: str):
             link = Channel(s, sender=me, peer=0)
             try:
+                keepalive(s)
                 link.set_deadline(self.handshake_deadline)
                 hello = link.recv_json(Frame.MESH_HELLO)
                 j, theirs, dialled = hello.get("node"), hello.get("nonce"), hello.get("address")
@@ -320,14 +323,6 @@ def release_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to trim
-
-
-def keepalive(sock: socket.socket) -> None:
-    """A peer that vanishes without a FIN is noticed within about 20 s."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 5)):
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def run(args) -> int:

@@ -1,5 +1,6 @@
 """The pieces of `dllama-api`, one concern per module:
 
+    main.py       the command: flags, loading (with dllama.launch), uvicorn
     host.py       the engine behind a holder: up/down state, worker loss, the reconnect loop
     scheduler.py  the bounded queue, the one engine thread, the prefix cache
     text.py       tokens -> text deltas: stop strings, <think> reasoning split

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..generate import generate
+from ..generate import PrefixCache, generate
 from ..sampler import Sampler
 from .errors import ApiError, unavailable
 from .host import EngineDown, EngineHost, WorkerLost
@@ -83,32 +83,6 @@ class QueueFull(Exception):
     def __init__(self, retry_after: int) -> None:
         super().__init__(f"the queue is full; retry in {retry_after} s")
         self.retry_after = retry_after
-
-
-class PrefixCache:
-    """The tokens the engine's KV cache holds, in order. A new sequence keeps the longest common
-    prefix (at least one prompt token is always evaluated: its logits are not stored)."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-
-    def reuse(self, engine: Any, ids: list[int]) -> int:
-        if engine.position != len(self.tokens):
-            self.tokens = []
-        keep, limit = 0, min(len(self.tokens), len(ids) - 1)
-        while keep < limit and self.tokens[keep] == ids[keep]:
-            keep += 1
-        engine.rewind(keep)
-        del self.tokens[keep:]
-        return keep
-
-    def record(self, engine: Any, fed: list[int]) -> None:
-        """After a sequence: fed are the tokens given to the engine since reuse() (the prompt's
-        rest, then the generated ones); the cache holds those up to the engine's position."""
-        self.tokens = (self.tokens + fed)[: engine.position]
-
-    def clear(self) -> None:
-        self.tokens = []
 
 
 class Scheduler:
