@@ -76,13 +76,9 @@ Mesh::Mesh(int node, std::vector<int> fds, std::vector<std::string> names, int t
         if ((int)i == node_) continue;
         const int one = 1;
         setsockopt(fds_[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        // a peer that vanishes without a FIN (power cut, cable) is noticed within ~20 s even
-        // while a worker waits for the next step
-        setsockopt(fds_[i], SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
-        const int idle = 10, interval = 2, count = 5;
-        setsockopt(fds_[i], IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
-        setsockopt(fds_[i], IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
-        setsockopt(fds_[i], IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
+        // TCP keepalive (a peer that vanishes without a FIN is noticed even while a worker waits
+        // for the next step) is already on: dllama.cluster.sockets.keepalive sets it on every
+        // socket before the control plane hands it over, and is the one place of its values.
     }
 }
 

@@ -434,7 +434,7 @@ def test_cli_success_and_progress(tmp_path, moe_f32, capsys):
     assert main([str(moe_f32), "-o", str(out), "--weights", "f32"]) == 0
     cap = capsys.readouterr()
     assert f"wrote {out}" in cap.out and "MiB/s" in cap.out
-    assert "convert m.m" in cap.err and "100%" in cap.err  # the progress bar, on stderr
+    assert "100%" not in cap.err  # no bar into a captured (non-terminal) stderr: tests/test_progress.py
     with ModelFile.open(out) as mf:
         assert mf.config.weight_type == FloatType.F32
 

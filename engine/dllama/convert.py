@@ -435,12 +435,10 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, weights: str
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoint(hf_dir)
     try:
-        from tqdm import tqdm
+        from .progress import byte_bar
 
         writer = ModelWriter(out_path, config)
-        with writer, tqdm(total=writer.size, unit="B", unit_scale=True, unit_divisor=1024,
-                          desc=f"convert {out_path.name}", file=sys.stderr,
-                          disable=not progress, dynamic_ncols=True) as bar:
+        with writer, byte_bar(writer.size, f"convert {out_path.name}", enabled=progress) as bar:
             bar.update(writer.bytes_written)
             for spec, src in _sources(ckpt, config, hf):
                 writer.write(spec.name, src)

@@ -312,7 +312,7 @@ def make_model_file(out_path: str | os.PathLike, preset: str = "bench", arch: st
                     rope_scaling: bool = False, progress: bool = False) -> Path:
     """Write the .m file `convert(make_checkpoint(..., dtype="f32"), weights=...)` would give,
     straight from the generator (no Hugging Face files; memory stays at a few chunks)."""
-    from tqdm import tqdm
+    from ..progress import byte_bar
 
     cfg = hf_config(preset, arch, layers, "f32", tie, kv_heads, head_dim, rope_scaling)
     config = config_from_hf(cfg, weights)
@@ -326,9 +326,8 @@ def make_model_file(out_path: str | os.PathLike, preset: str = "bench", arch: st
     # the main thread quantizes and writes; large ones (embedding, LM head) are generated in
     # row chunks, each chunk's blocks spread over the workers.
     ahead: dict[int, Any] = {}
-    with ThreadPoolExecutor(workers) as pool, writer, tqdm(
-            total=writer.size, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-            desc=f"generate {out.name}", disable=not progress) as bar:
+    with ThreadPoolExecutor(workers) as pool, writer, byte_bar(writer.size, f"generate {out.name}",
+                                                               enabled=progress) as bar:
         for i, spec in enumerate(layout):
             for j in range(i, min(len(layout), i + 2 * workers)):
                 t = layout[j]
