@@ -1,4 +1,4 @@
-// The one binding file: block formats for the converter and tests, and the per-node
+// The one binding file: the Q40 block format for the converter, and the per-node
 // Transformer the engine drives one step at a time (with the GIL released while it runs).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -24,47 +24,22 @@ namespace {
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using ByteArray = py::array_t<uint8_t, py::array::c_style>;
 
-std::vector<py::ssize_t> shape_of(const py::buffer_info& info) {
-    return std::vector<py::ssize_t>(info.shape.begin(), info.shape.end());
-}
-
-template <typename Block, typename Quantize>
-ByteArray quantize(FloatArray x, Quantize quantize_row) {
+// Float32 rows (the last dimension a multiple of 32) as Q40 blocks, the same leading shape.
+ByteArray quantize_q40(FloatArray x) {
     py::buffer_info in = x.request();
     if (in.ndim < 1) throw std::invalid_argument("quantize needs at least one dimension");
     const py::ssize_t n = in.shape[in.ndim - 1];
     if (n % kBlockSize) throw std::invalid_argument("the last dimension (" + std::to_string(n) + ") must be a multiple of 32");
-    auto shape = shape_of(in);
-    shape.back() = n / kBlockSize * sizeof(Block);
+    std::vector<py::ssize_t> shape(in.shape.begin(), in.shape.end());
+    shape.back() = n / kBlockSize * sizeof(BlockQ40);
     ByteArray out(shape);
     const py::ssize_t rows = n ? in.size / n : 0;
     const float* src = static_cast<const float*>(in.ptr);
-    Block* dst = reinterpret_cast<Block*>(out.mutable_data());
+    BlockQ40* dst = reinterpret_cast<BlockQ40*>(out.mutable_data());
+    const Kernels& kern = kernels();
     {
         py::gil_scoped_release release;
-        for (py::ssize_t r = 0; r < rows; r++) quantize_row(src + r * n, dst + r * (n / kBlockSize), (int)n);
-    }
-    return out;
-}
-
-template <typename Block, typename Dequantize>
-FloatArray dequantize(ByteArray b, Dequantize dequantize_row) {
-    py::buffer_info in = b.request();
-    if (in.ndim < 1) throw std::invalid_argument("dequantize needs at least one dimension");
-    const py::ssize_t bytes = in.shape[in.ndim - 1];
-    if (bytes % sizeof(Block))
-        throw std::invalid_argument("the last dimension (" + std::to_string(bytes) + " bytes) must be a multiple of " +
-                                    std::to_string(sizeof(Block)));
-    const py::ssize_t blocks = bytes / sizeof(Block), n = blocks * kBlockSize;
-    auto shape = shape_of(in);
-    shape.back() = n;
-    FloatArray out(shape);
-    const py::ssize_t rows = bytes ? in.size / bytes : 0;
-    const Block* src = reinterpret_cast<const Block*>(in.ptr);
-    float* dst = out.mutable_data();
-    {
-        py::gil_scoped_release release;
-        for (py::ssize_t r = 0; r < rows; r++) dequantize_row(src + r * blocks, dst + r * n, (int)n);
+        for (py::ssize_t r = 0; r < rows; r++) kern.quantize_row_q40(src + r * n, dst + r * (n / kBlockSize), (int)n);
     }
     return out;
 }
@@ -266,14 +241,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("kernel_name", [] { return std::string(kernels().name); },
           "The kernel set chosen for this CPU (DLLAMA_KERNELS=generic forces the portable one).");
-    m.def("quantize_q40", [](FloatArray x) { return quantize<BlockQ40>(x, kernels().quantize_row_q40); }, py::arg("x"),
+    m.def("quantize_q40", &quantize_q40, py::arg("x"),
           "Quantize float32 rows (last dim a multiple of 32) into Q40 blocks, 18 bytes per 32 values.");
-    m.def("dequantize_q40", [](ByteArray b) { return dequantize<BlockQ40>(b, kernels().dequantize_row_q40); },
-          py::arg("blocks"));
-    m.def("quantize_q80", [](FloatArray x) { return quantize<BlockQ80>(x, kernels().quantize_row_q80); }, py::arg("x"),
-          "Quantize float32 rows (last dim a multiple of 32) into Q80 blocks, 34 bytes per 32 values.");
-    m.def("dequantize_q80", [](ByteArray b) { return dequantize<BlockQ80>(b, kernels().dequantize_row_q80); },
-          py::arg("blocks"));
 
     m.def(
         "measure_read_bandwidth",
