@@ -299,18 +299,23 @@ void Transformer::dense_ffn(int l, int n) {
     run_matmuls(&down, 1);
 }
 
+// w2(silu(w1 x) * w3 x) of the k experts the router picks for each token, weighted by its
+// router probabilities: route, group the tokens by expert, run the experts, combine
 void Transformer::moe_ffn(int l, int n) {
-    const ModelConfig& c = config_;
     const LayerWeights& L = weights_.layers[l];
-    const Kernels& kern = kernels();
-    const int E = c.n_experts, k = c.n_active_experts, hidden = moe_dim_;
-    const size_t dim = c.dim;
-    const bool quantized = c.weight_type == FloatType::Q40;
+    std::vector<int> count(config_.n_experts, 0);
+    route(L, n, count);
+    const std::vector<int> offset = group_by_expert(n, count);
+    run_experts(L, n, count, offset);
+    combine_experts(n);
+}
 
-    // router: softmax over all experts, keep the top k, renormalise their probabilities
+// router: softmax over all experts, keep the top k, renormalise their probabilities; count[e]
+// gains one for every token that chose expert e
+void Transformer::route(const LayerWeights& L, int n, std::vector<int>& count) {
+    const int E = config_.n_experts, k = config_.n_active_experts;
     MatmulJob router{&L.router, router_.data(), xb_.data(), n};
     run_matmuls(&router, 1);
-    std::vector<int> count(E, 0);
     for (int b = 0; b < n; b++) {
         float* p = &router_[(size_t)b * E];
         softmax(p, E);
@@ -330,27 +335,42 @@ void Transformer::moe_ffn(int l, int n) {
         }
         for (int j = 0; j < k; j++) w[j] /= total;
     }
+}
 
-    // group the (token, choice) pairs by expert so each expert's weights are read once
+// the (token, choice) pairs grouped by expert, so each expert's weights are read once: every
+// pair's row in the grouped buffers (route_slot_) and its token's input gathered there (gx_, or
+// gxq_ for Q40 weights); returns where each expert's rows begin (offset[E] = n * k)
+std::vector<int> Transformer::group_by_expert(int n, const std::vector<int>& count) {
+    const int E = config_.n_experts, k = config_.n_active_experts;
+    const size_t dim = config_.dim;
     std::vector<int> offset(E + 1, 0);
     for (int e = 0; e < E; e++) offset[e + 1] = offset[e] + count[e];
     std::vector<int> fill(offset.begin(), offset.end() - 1);
     for (int a = 0; a < n * k; a++) route_slot_[a] = fill[route_expert_[a]]++;
     const int rows = n * k;
     const size_t blocks = dim / kBlockSize;
-    if (quantized) {
-        matmul_input(xb_.data(), xq_.data(), n, c.dim);
+    if (config_.weight_type == FloatType::Q40) {
+        matmul_input(xb_.data(), xq_.data(), n, config_.dim);
         for (int a = 0; a < rows; a++)
             std::memcpy(&gxq_[route_slot_[a] * blocks], &xq_[(a / k) * blocks], blocks * sizeof(BlockQ80));
     } else {
         for (int a = 0; a < rows; a++)
             std::memcpy(&gx_[route_slot_[a] * dim], &xb_[(a / k) * dim], dim * sizeof(float));
     }
+    return offset;
+}
+
+// every chosen expert over its rows of the grouped buffers: silu(w1 x) * w3 x, then w2 of it
+// into eout_
+void Transformer::run_experts(const LayerWeights& L, int n, const std::vector<int>& count,
+                              const std::vector<int>& offset) {
+    const int E = config_.n_experts, k = config_.n_active_experts, hidden = moe_dim_;
+    const size_t dim = config_.dim, blocks = dim / kBlockSize;
+    const bool quantized = config_.weight_type == FloatType::Q40;
     auto gathered = [&](int slot) -> const void* {
         return quantized ? (const void*)&gxq_[slot * blocks] : (const void*)&gx_[slot * dim];
     };
 
-    // every chosen expert: silu(w1 x) * w3 x over its tokens
     std::vector<MatmulJob> jobs;
     for (int e = 0; e < E; e++) {
         if (!count[e]) continue;
@@ -359,6 +379,7 @@ void Transformer::moe_ffn(int l, int n) {
         jobs.push_back({&X.up, &h3_[(size_t)offset[e] * hidden], gathered(offset[e]), count[e]});
     }
     run_matmuls(jobs.data(), (int)jobs.size());
+    const int rows = n * k;
     pool_.for_chunks(rows, [&](int r) {
         float* h = &h1_[(size_t)r * hidden];
         silu_mul(h, h, &h3_[(size_t)r * hidden], hidden);
@@ -366,7 +387,6 @@ void Transformer::moe_ffn(int l, int n) {
     const void* hin = matmul_input(h1_.data(), hq_.data(), rows, hidden);
     const size_t hstride = quantized ? hidden / kBlockSize : hidden;
 
-    // w2 of every chosen expert, then each token's outputs weighted by its router probabilities
     jobs.clear();
     for (int e = 0; e < E; e++) {
         if (!count[e]) continue;
@@ -375,12 +395,19 @@ void Transformer::moe_ffn(int l, int n) {
         jobs.push_back({&L.experts[e].down, &eout_[(size_t)offset[e] * dim], x, count[e]});
     }
     run_matmuls(jobs.data(), (int)jobs.size());
+}
+
+// each token's k expert outputs weighted by its renormalised router probabilities, into part_
+void Transformer::combine_experts(int n) {
+    const Kernels& kern = kernels();
+    const int k = config_.n_active_experts;
+    const size_t dim = config_.dim;
     pool_.for_chunks(n, [&](int b) {
         float* out = &part_[b * dim];
         std::memset(out, 0, dim * sizeof(float));
         for (int j = 0; j < k; j++) {
             const int a = b * k + j;
-            kern.vec_mad_f32(c.dim, out, &eout_[(size_t)route_slot_[a] * dim], route_weight_[a]);
+            kern.vec_mad_f32(config_.dim, out, &eout_[(size_t)route_slot_[a] * dim], route_weight_[a]);
         }
     });
 }

@@ -66,6 +66,11 @@ private:
     void attention(int layer, int n, int pos);
     void dense_ffn(int layer, int n);
     void moe_ffn(int layer, int n);
+    // moe_ffn's steps
+    void route(const LayerWeights& L, int n, std::vector<int>& count);
+    std::vector<int> group_by_expert(int n, const std::vector<int>& count);
+    void run_experts(const LayerWeights& L, int n, const std::vector<int>& count, const std::vector<int>& offset);
+    void combine_experts(int n);
     void sync(float* x, int n);
 
     ModelConfig config_;
