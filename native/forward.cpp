@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "kernels.h"
 
@@ -21,26 +22,27 @@ Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads
       max_batch_(max_batch),
       pool_(n_threads),
       rope_(c.head_dim, max_seq_len, c.rope_theta, c.rope_scaling) {
+    require(c.arch == Arch::Llama || c.arch == Arch::Qwen3 || c.arch == Arch::Qwen3Moe,
+            "unknown architecture " + std::to_string((int)c.arch));
     require(c.dim > 0 && c.n_layers > 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.head_dim > 0 &&
                 c.vocab_size > 0,
             "model dimensions must be positive");
     require(c.n_heads % c.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
     require(c.head_dim % 2 == 0, "head_dim must be even for RoPE");
+    require(c.rope_style == RopeStyle::Interleaved || c.rope_style == RopeStyle::RotateHalf, "unknown rope style");
+    const RopeTable::Scaling& rs = c.rope_scaling;
+    require(rs.factor <= 0 || (rs.orig_max_seq_len > 0 && 0 < rs.low_freq_factor && rs.low_freq_factor < rs.high_freq_factor),
+            "llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and orig_max_seq_len > 0");
     require(max_seq_len > 0 && max_batch > 0, "max_seq_len and max_batch must be positive");
     require(!c.is_moe() || (c.n_experts > 0 && c.n_active_experts > 0 &&
                             c.n_active_experts <= c.n_experts && c.moe_hidden_dim > 0),
             "a MoE model needs n_experts >= n_active_experts > 0 and moe_hidden_dim > 0");
     require(c.is_moe() || c.hidden_dim > 0, "a dense model needs hidden_dim > 0");
+    check_plan(c, p);
     q_dim_ = p.q_heads() * c.head_dim;
     kv_dim_ = p.kv_heads() * c.head_dim;
     ffn_dim_ = c.is_moe() ? 0 : p.ffn();
     moe_dim_ = c.is_moe() ? p.moe() : 0;
-    const int group = c.n_heads / c.n_kv_heads;
-    require(p.q_heads() > 0 && p.q_head_begin >= 0 && p.q_head_end <= c.n_heads,
-            "slice plan: bad query head range");
-    require(p.kv_head_begin == p.q_head_begin / group &&
-                p.kv_head_end == (p.q_head_end - 1) / group + 1,
-            "slice plan: kv heads must be exactly those its query heads read");
     if (c.weight_type == FloatType::Q40) {
         const int32_t dims[] = {c.dim, q_dim_, ffn_dim_, moe_dim_};
         for (int d : dims)
@@ -86,17 +88,28 @@ Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads
     }
 }
 
-void Transformer::bind(const std::string& name, const uint8_t* data, int rows, int cols,
+// "WQ of layer 3", "EXPERT_UP of layer 0 expert 7", "LM_HEAD"
+static std::string weight_name(const TensorSlot& slot, TensorKind kind, int layer, int expert, const Weights& w) {
+    std::string out = tensor_kind_name(kind);
+    const bool model_wide = slot.tensor == &w.embedding || slot.tensor == &w.final_norm || slot.tensor == &w.lm_head;
+    if (!model_wide) out += " of layer " + std::to_string(layer);
+    if (kind == TensorKind::ExpertGate || kind == TensorKind::ExpertDown || kind == TensorKind::ExpertUp)
+        out += " expert " + std::to_string(expert);
+    return out;
+}
+
+void Transformer::bind(TensorKind kind, int layer, int expert, const uint8_t* data, int rows, int cols,
                        size_t row_stride, FloatType type) {
-    TensorSlot slot = find_tensor_slot(weights_, config_, plan_, name);
+    const TensorSlot slot = find_tensor_slot(weights_, config_, plan_, kind, layer, expert);
+    require(slot.tensor != nullptr, std::string("this model has no ") + tensor_kind_name(kind) + " weight");
     auto shape = [](int r, int c) { return "[" + std::to_string(r) + ", " + std::to_string(c) + "]"; };
     require(rows == slot.rows && cols == slot.cols,
-            "tensor " + name + ": expected shape " + shape(slot.rows, slot.cols) + ", got " + shape(rows, cols));
-    require(type == slot.type, "tensor " + name + ": unexpected float type " + std::to_string((int)type));
-    require(data != nullptr, "tensor " + name + ": no data");
-    require(row_stride >= row_bytes(type, cols), "tensor " + name + ": row stride shorter than a row");
+            "expected shape " + shape(slot.rows, slot.cols) + ", got " + shape(rows, cols));
+    require(type == slot.type, "unexpected float type " + std::to_string((int)type));
+    require(data != nullptr, "no data");
+    require(row_stride >= row_bytes(type, cols), "row stride shorter than a row");
     if (type == FloatType::Q40) {
-        AlignedBytes& own = packed_[name];
+        AlignedBytes& own = packed_[slot.tensor];
         own = alloc_packed_q40(rows, cols);
         const int groups = q40_groups(rows);
         uint8_t* out = own.get();
@@ -110,10 +123,19 @@ void Transformer::bind(const std::string& name, const uint8_t* data, int rows, i
 }
 
 void Transformer::check_bound() const {
+    // every kind at every layer and expert: a model-wide kind's slot is the same at each, a
+    // layer's at each expert
     auto& weights = const_cast<Weights&>(weights_);
-    for (const std::string& name : tensor_names(config_)) {
-        if (find_tensor_slot(weights, config_, plan_, name).tensor->data == nullptr)
-            throw std::invalid_argument("tensor " + name + " was not loaded");
+    const int experts = std::max(1, config_.n_experts);
+    for (int k = 0; k < (int)TensorKind::Count; k++) {
+        const TensorKind kind = (TensorKind)k;
+        for (int l = 0; l < config_.n_layers; l++) {
+            for (int e = 0; e < experts; e++) {
+                const TensorSlot slot = find_tensor_slot(weights, config_, plan_, kind, l, e);
+                if (slot.tensor && slot.tensor->data == nullptr)
+                    throw std::invalid_argument("weight " + weight_name(slot, kind, l, e, weights_) + " was not bound");
+            }
+        }
     }
 }
 

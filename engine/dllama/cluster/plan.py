@@ -18,15 +18,6 @@ class NodeSlice:
     moe: tuple[int, int]
     vocab: tuple[int, int]
 
-    def native(self) -> dict:
-        """The plan as the native core takes it (empty dense/MoE ranges are left out)."""
-        d = {"q_heads": self.q_heads, "kv_heads": self.kv_heads, "vocab": self.vocab}
-        if self.ffn[1] > self.ffn[0]:
-            d["ffn"] = self.ffn
-        if self.moe[1] > self.moe[0]:
-            d["moe"] = self.moe
-        return d
-
 
 def split(total: int, weights: Sequence[float], unit: int = 1) -> list[tuple[int, int]]:
     """Cuts [0, total) into len(weights) consecutive ranges proportional to the weights, every

@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 
 from ..config import BLOCK_SIZE, FloatType, ModelConfig, row_bytes
-from ..model_file import tensor_count
-from .footprint import node_manifest
+from ..tensors import tensor_count
+from .footprint import node_manifest, node_slices
 from .plan import NodeSlice
+from .slices import TensorSlice
 
 # bytes a worker accepts to hold: far above any model that fits a board, far below what a
 # stranger could make it allocate by lying
@@ -35,6 +36,12 @@ class Session:
     @property
     def sizes(self) -> list[int]:
         return [rows * row_bytes(FloatType(t), cols) for _, t, rows, cols in self.manifest]
+
+    @property
+    def tensors(self) -> list[TensorSlice]:
+        """The slices the manifest lists, as the table gives them (kind, layer and expert):
+        from_json checked that the manifest is exactly these."""
+        return node_slices(self.config, self.slice)
 
     @property
     def cache_key(self) -> str:
