@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..config import BLOCK_SIZE, FloatType, ModelConfig, row_bytes
 from ..tensors import tensor_count
 from .footprint import node_manifest, node_slices
-from .plan import NodeSlice
+from .plan import NodeSlice, kv_heads_of
 from .slices import TensorSlice
 
 # bytes a worker accepts to hold: far above any model that fits a board, far below what a
@@ -115,8 +115,7 @@ def check_slice(config: ModelConfig, node: NodeSlice) -> None:
     within("q_heads", node.q_heads, config.n_heads)
     if (node.q_heads[0] * hd) % unit or (node.q_heads[1] * hd) % unit:
         raise ValueError(f"slice q_heads {list(node.q_heads)} cuts a Q40 block (head_dim {hd})")
-    group = config.n_heads // config.n_kv_heads
-    kv = (node.q_heads[0] // group, (node.q_heads[1] - 1) // group + 1)
+    kv = kv_heads_of(config, node.q_heads)
     if node.kv_heads != kv:
         raise ValueError(f"slice kv_heads {list(node.kv_heads)} are not those its query heads read ({list(kv)})")
     hidden, unused = ("moe", "ffn") if config.is_moe else ("ffn", "moe")
