@@ -5,8 +5,9 @@ Layout (shared/FORMATS.md is the authority; everything little-endian):
     | int32 magic 0x0A00ABCD | int32 headerSize | (int32 key, int32 value) * n | tensors ... |
       headerSize = 8 + 8 * n, so tensors start at byte headerSize; no padding between tensors.
 
-Tensors come in the fixed order `tensor_layout()` returns (dllama.tensors, the one table of them). Matrices are stored in the header's
-WEIGHT_FLOAT_TYPE (F32 or Q40 here), vectors, the embedding and the MoE router always in F32.
+Tensors come in the fixed order `tensor_layout()` returns (dllama.tensors, the one table of them).
+Matrices are stored in the header's WEIGHT_FLOAT_TYPE (F32 or Q40 here), vectors, the embedding
+and the MoE router always in F32.
 """
 from __future__ import annotations
 
