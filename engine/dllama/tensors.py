@@ -5,8 +5,13 @@ tensor parallelism cuts it (the axis, and the range of a node's slice it follows
 Every rule about tensors is read from here: the file layout (model_file: order, shapes, sizes),
 the part of each tensor a node holds (cluster/slices, so also the manifest a worker checks in
 cluster/footprint and cluster/session), and the native core, which receives each weight by its
-kind (`core`, a member of `_core.TensorKind`), layer and expert, never by a name to parse. A new
-architecture's tensors are rows here (`when` says which models have them); its forward pass is C++.
+kind (`core`, a member of `_core.TensorKind`), layer and expert, never by a name to parse.
+
+A new architecture's tensors are rows here (`when` names the models that have them): layout,
+parts, manifest and binding follow. The C++ side knows no names, order or cuts; it declares the
+weights its forward pass reads (native/model.h: DLLAMA_TENSOR_KINDS, Weights, find_tensor_slot
+with the [rows, cols] it multiplies each at), and tests/test_native.py checks both list the same
+kinds and that every node binds what this table gives it.
 
 Neither numpy nor the native core is imported here: the Ansible controller reads it (footprint).
 """
