@@ -1,4 +1,4 @@
-// The one binding file: block formats for the converter and tests, and the per-node
+// The one binding file: the Q40 block format for the converter, and the per-node
 // Transformer the engine drives one step at a time (with the GIL released while it runs).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -9,6 +9,8 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cluster.h"
@@ -24,113 +26,61 @@ namespace {
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using ByteArray = py::array_t<uint8_t, py::array::c_style>;
 
-std::vector<py::ssize_t> shape_of(const py::buffer_info& info) {
-    return std::vector<py::ssize_t>(info.shape.begin(), info.shape.end());
-}
-
-template <typename Block, typename Quantize>
-ByteArray quantize(FloatArray x, Quantize quantize_row) {
+// Float32 rows (the last dimension a multiple of 32) as Q40 blocks, the same leading shape.
+ByteArray quantize_q40(FloatArray x) {
     py::buffer_info in = x.request();
     if (in.ndim < 1) throw std::invalid_argument("quantize needs at least one dimension");
     const py::ssize_t n = in.shape[in.ndim - 1];
     if (n % kBlockSize) throw std::invalid_argument("the last dimension (" + std::to_string(n) + ") must be a multiple of 32");
-    auto shape = shape_of(in);
-    shape.back() = n / kBlockSize * sizeof(Block);
+    std::vector<py::ssize_t> shape(in.shape.begin(), in.shape.end());
+    shape.back() = n / kBlockSize * sizeof(BlockQ40);
     ByteArray out(shape);
     const py::ssize_t rows = n ? in.size / n : 0;
     const float* src = static_cast<const float*>(in.ptr);
-    Block* dst = reinterpret_cast<Block*>(out.mutable_data());
+    BlockQ40* dst = reinterpret_cast<BlockQ40*>(out.mutable_data());
+    const Kernels& kern = kernels();
     {
         py::gil_scoped_release release;
-        for (py::ssize_t r = 0; r < rows; r++) quantize_row(src + r * n, dst + r * (n / kBlockSize), (int)n);
+        for (py::ssize_t r = 0; r < rows; r++) kern.quantize_row_q40(src + r * n, dst + r * (n / kBlockSize), (int)n);
     }
     return out;
 }
 
-template <typename Block, typename Dequantize>
-FloatArray dequantize(ByteArray b, Dequantize dequantize_row) {
-    py::buffer_info in = b.request();
-    if (in.ndim < 1) throw std::invalid_argument("dequantize needs at least one dimension");
-    const py::ssize_t bytes = in.shape[in.ndim - 1];
-    if (bytes % sizeof(Block))
-        throw std::invalid_argument("the last dimension (" + std::to_string(bytes) + " bytes) must be a multiple of " +
-                                    std::to_string(sizeof(Block)));
-    const py::ssize_t blocks = bytes / sizeof(Block), n = blocks * kBlockSize;
-    auto shape = shape_of(in);
-    shape.back() = n;
-    FloatArray out(shape);
-    const py::ssize_t rows = bytes ? in.size / bytes : 0;
-    const Block* src = reinterpret_cast<const Block*>(in.ptr);
-    float* dst = out.mutable_data();
-    {
-        py::gil_scoped_release release;
-        for (py::ssize_t r = 0; r < rows; r++) dequantize_row(src + r * blocks, dst + r * n, (int)n);
-    }
-    return out;
-}
-
-template <typename T>
-T get(const py::dict& d, const char* key, T fallback) {
-    return d.contains(key) ? d[key].cast<T>() : fallback;
-}
-
-template <typename T>
-T need(const py::dict& d, const char* key) {
-    if (!d.contains(key)) throw std::invalid_argument(std::string("model config lacks '") + key + "'");
-    return d[key].cast<T>();
-}
-
-ModelConfig config_from(const py::dict& d) {
+ModelConfig make_config(Arch arch, int dim, int hidden_dim, int n_layers, int n_heads, int n_kv_heads, int head_dim,
+                        int vocab_size, int n_experts, int n_active_experts, int moe_hidden_dim, double rope_theta,
+                        RopeStyle rope_style, float rope_scaling_factor, float rope_scaling_low_freq_factor,
+                        float rope_scaling_high_freq_factor, int rope_scaling_orig_max_seq_len, float norm_eps,
+                        FloatType weight_type) {
     ModelConfig c;
-    const int arch = need<int>(d, "arch");
-    if (arch != (int)Arch::Llama && arch != (int)Arch::Qwen3 && arch != (int)Arch::Qwen3Moe)
-        throw std::invalid_argument("unknown architecture " + std::to_string(arch));
-    c.arch = (Arch)arch;
-    c.dim = need<int>(d, "dim");
-    c.hidden_dim = get<int>(d, "hidden_dim", 0);
-    c.n_layers = need<int>(d, "n_layers");
-    c.n_heads = need<int>(d, "n_heads");
-    c.n_kv_heads = need<int>(d, "n_kv_heads");
-    c.head_dim = get<int>(d, "head_dim", c.n_heads ? c.dim / c.n_heads : 0);
-    c.n_experts = get<int>(d, "n_experts", 0);
-    c.n_active_experts = get<int>(d, "n_active_experts", 0);
-    c.moe_hidden_dim = get<int>(d, "moe_hidden_dim", 0);
-    c.vocab_size = need<int>(d, "vocab_size");
-    c.rope_theta = get<double>(d, "rope_theta", 10000.0);
-    const std::string style = get<std::string>(d, "rope_style", "interleaved");
-    if (style != "interleaved" && style != "rotate_half")
-        throw std::invalid_argument("rope_style must be 'interleaved' or 'rotate_half'");
-    c.rope_style = style == "interleaved" ? RopeStyle::Interleaved : RopeStyle::RotateHalf;
-    c.rope_scaling.factor = get<float>(d, "rope_scaling_factor", 0);
-    c.rope_scaling.low_freq_factor = get<float>(d, "rope_scaling_low_freq_factor", 0);
-    c.rope_scaling.high_freq_factor = get<float>(d, "rope_scaling_high_freq_factor", 0);
-    c.rope_scaling.orig_max_seq_len = get<int>(d, "rope_scaling_orig_max_seq_len", 0);
-    if (c.rope_scaling.factor > 0 &&
-        (c.rope_scaling.orig_max_seq_len <= 0 || c.rope_scaling.high_freq_factor <= c.rope_scaling.low_freq_factor ||
-         c.rope_scaling.low_freq_factor <= 0))
-        throw std::invalid_argument("llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and orig_max_seq_len > 0");
-    c.norm_eps = get<float>(d, "norm_eps", 1e-5f);
-    c.weight_type = (FloatType)get<int>(d, "weight_type", (int)FloatType::Q40);
+    c.arch = arch;
+    c.dim = dim;
+    c.hidden_dim = hidden_dim;
+    c.n_layers = n_layers;
+    c.n_heads = n_heads;
+    c.n_kv_heads = n_kv_heads;
+    c.head_dim = head_dim;
+    c.vocab_size = vocab_size;
+    c.n_experts = n_experts;
+    c.n_active_experts = n_active_experts;
+    c.moe_hidden_dim = moe_hidden_dim;
+    c.rope_theta = rope_theta;
+    c.rope_style = rope_style;
+    c.rope_scaling = {rope_scaling_factor, rope_scaling_low_freq_factor, rope_scaling_high_freq_factor,
+                      rope_scaling_orig_max_seq_len};
+    c.norm_eps = norm_eps;
+    c.weight_type = weight_type;
     return c;
 }
 
-SlicePlan plan_from(const ModelConfig& c, const py::object& obj) {
-    SlicePlan p = SlicePlan::whole(c);
-    if (obj.is_none()) return p;
-    const py::dict d = obj.cast<py::dict>();
-    auto range = [&](const char* key, int& begin, int& end, int limit) {
-        if (!d.contains(key)) return;
-        auto pair = d[key].cast<std::pair<int, int>>();
-        if (pair.first < 0 || pair.second <= pair.first || pair.second > limit)
-            throw std::invalid_argument(std::string("slice plan: bad range for ") + key);
-        begin = pair.first;
-        end = pair.second;
-    };
-    range("q_heads", p.q_head_begin, p.q_head_end, c.n_heads);
-    range("kv_heads", p.kv_head_begin, p.kv_head_end, c.n_kv_heads);
-    range("ffn", p.ffn_begin, p.ffn_end, c.hidden_dim);
-    range("moe", p.moe_begin, p.moe_end, c.moe_hidden_dim);
-    range("vocab", p.vocab_begin, p.vocab_end, c.vocab_size);
+using Range = std::pair<int, int>;
+
+SlicePlan make_plan(Range q_heads, Range kv_heads, Range ffn, Range moe, Range vocab) {
+    SlicePlan p;
+    std::tie(p.q_head_begin, p.q_head_end) = q_heads;
+    std::tie(p.kv_head_begin, p.kv_head_end) = kv_heads;
+    std::tie(p.ffn_begin, p.ffn_end) = ffn;
+    std::tie(p.moe_begin, p.moe_end) = moe;
+    std::tie(p.vocab_begin, p.vocab_end) = vocab;
     return p;
 }
 
@@ -177,16 +127,17 @@ struct PyTransformer {
         mesh_owner = py::none();
     }
 
-    // One step on every node: output 0 nothing, 1 full logits, 2 top-k parts per node.
-    py::object step(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int pos, int output,
+    // One step on every node: nothing back, the full logits, or each node's top-k candidates.
+    py::object step(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int pos, StepOutput output,
                     float temperature) {
         if (!root) throw std::invalid_argument("not attached to a cluster");
-        if (output < 0 || output > 2) throw std::invalid_argument("output must be 0, 1 or 2");
+        if (output != StepOutput::None && output != StepOutput::Logits && output != StepOutput::TopK)
+            throw std::invalid_argument("output must be NONE, LOGITS or TOPK");
         if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a flat sequence of ints");
         std::vector<int> ids(tokens.data(), tokens.data() + tokens.size());
         py::array_t<float> logits;
         float* dst = nullptr;
-        if (output == 1) {
+        if (output == StepOutput::Logits) {
             logits = py::array_t<float>(model->config().vocab_size);
             dst = logits.mutable_data();
         }
@@ -194,10 +145,10 @@ struct PyTransformer {
         {
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(busy);
-            root->step(ids.data(), (int)ids.size(), pos, (StepOutput)output, temperature, dst, &parts);
+            root->step(ids.data(), (int)ids.size(), pos, output, temperature, dst, &parts);
         }
-        if (output == 1) return std::move(logits);
-        if (output == 0) return py::none();
+        if (output == StepOutput::Logits) return std::move(logits);
+        if (output == StepOutput::None) return py::none();
         py::list out;
         for (const TopK& t : parts) {  // each count checked by ClusterRoot::step as it came in
             py::array_t<int32_t> pid(t.count);
@@ -216,27 +167,28 @@ struct PyTransformer {
         return serve_worker(*model, *m.mesh, q80);
     }
 
-    PyTransformer(const py::dict& config, const py::object& plan, int n_threads, int max_seq_len, int max_batch) {
+    PyTransformer(const ModelConfig& config, const std::optional<SlicePlan>& plan, int n_threads, int max_seq_len,
+                  int max_batch) {
         if (n_threads < 1 || n_threads > 1024) throw std::invalid_argument("nthreads must be between 1 and 1024");
         if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
         if (max_batch < 1) throw std::invalid_argument("max_batch must be positive");
-        const ModelConfig c = config_from(config);
-        model = std::make_unique<Transformer>(c, plan_from(c, plan), n_threads, max_seq_len, max_batch);
+        model = std::make_unique<Transformer>(config, plan ? *plan : SlicePlan::whole(config), n_threads, max_seq_len,
+                                              max_batch);
     }
 
-    void bind(const std::string& name, const py::buffer& buffer, size_t offset, int rows, int cols, size_t row_stride,
-              int type) {
-        if (type != (int)FloatType::F32 && type != (int)FloatType::Q40)
-            throw std::invalid_argument("tensor " + name + ": unsupported float type " + std::to_string(type));
+    void bind(TensorKind kind, int layer, int expert, const py::buffer& buffer, size_t offset, int rows, int cols,
+              size_t row_stride, FloatType type) {
+        if (type != FloatType::F32 && type != FloatType::Q40)
+            throw std::invalid_argument("unsupported float type " + std::to_string((int)type));
         py::buffer_info info = buffer.request();
         const size_t size = (size_t)info.size * info.itemsize;
-        if (rows < 1 || cols < 1) throw std::invalid_argument("tensor " + name + ": empty shape");
-        const size_t need = (size_t)(rows - 1) * row_stride + row_bytes((FloatType)type, cols);
+        if (rows < 1 || cols < 1) throw std::invalid_argument("empty shape");
+        const size_t need = (size_t)(rows - 1) * row_stride + row_bytes(type, cols);
         if (offset > size || need > size - offset)
-            throw std::invalid_argument("tensor " + name + ": needs " + std::to_string(need) + " bytes at offset " +
-                                        std::to_string(offset) + ", buffer has " + std::to_string(size));
-        model->bind(name, static_cast<const uint8_t*>(info.ptr) + offset, rows, cols, row_stride, (FloatType)type);
-        if (type != (int)FloatType::Q40) owners.push_back(buffer);  // Q40 matrices were copied (packed)
+            throw std::invalid_argument("needs " + std::to_string(need) + " bytes at offset " + std::to_string(offset) +
+                                        ", buffer has " + std::to_string(size));
+        model->bind(kind, layer, expert, static_cast<const uint8_t*>(info.ptr) + offset, rows, cols, row_stride, type);
+        if (type != FloatType::Q40) owners.push_back(buffer);  // Q40 matrices were copied (packed)
     }
 
     py::object forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int pos, bool logits) {
@@ -266,14 +218,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("kernel_name", [] { return std::string(kernels().name); },
           "The kernel set chosen for this CPU (DLLAMA_KERNELS=generic forces the portable one).");
-    m.def("quantize_q40", [](FloatArray x) { return quantize<BlockQ40>(x, kernels().quantize_row_q40); }, py::arg("x"),
+    m.def("quantize_q40", &quantize_q40, py::arg("x"),
           "Quantize float32 rows (last dim a multiple of 32) into Q40 blocks, 18 bytes per 32 values.");
-    m.def("dequantize_q40", [](ByteArray b) { return dequantize<BlockQ40>(b, kernels().dequantize_row_q40); },
-          py::arg("blocks"));
-    m.def("quantize_q80", [](FloatArray x) { return quantize<BlockQ80>(x, kernels().quantize_row_q80); }, py::arg("x"),
-          "Quantize float32 rows (last dim a multiple of 32) into Q80 blocks, 34 bytes per 32 values.");
-    m.def("dequantize_q80", [](ByteArray b) { return dequantize<BlockQ80>(b, kernels().dequantize_row_q80); },
-          py::arg("blocks"));
 
     m.def(
         "measure_read_bandwidth",
@@ -288,6 +234,72 @@ PYBIND11_MODULE(_core, m) {
 
     py::register_exception<NetError>(m, "NetworkError", PyExc_ConnectionError);
 
+    // values as in a .m header (dllama.config's enums of the same names)
+    py::enum_<Arch>(m, "Arch", "A model architecture, as the header's ARCH_TYPE numbers it.")
+        .value("LLAMA", Arch::Llama)
+        .value("QWEN3", Arch::Qwen3)
+        .value("QWEN3_MOE", Arch::Qwen3Moe);
+    py::enum_<FloatType>(m, "FloatType", "How a tensor's values are stored, as the header's WEIGHT_FLOAT_TYPE numbers it.")
+        .value("F32", FloatType::F32)
+        .value("F16", FloatType::F16)
+        .value("Q40", FloatType::Q40)
+        .value("Q80", FloatType::Q80);
+    py::enum_<RopeStyle>(m, "RopeStyle", "Which pairs RoPE rotates: neighbours (Meta's Llama) or the halves of a head.")
+        .value("INTERLEAVED", RopeStyle::Interleaved)
+        .value("ROTATE_HALF", RopeStyle::RotateHalf);
+    py::enum_<TensorKind> kinds(m, "TensorKind", "A weight the forward pass reads (dllama.tensors.KINDS names its tensors).");
+    for (int k = 0; k < (int)TensorKind::Count; k++) kinds.value(tensor_kind_name((TensorKind)k), (TensorKind)k);
+    py::enum_<StepOutput>(m, "StepOutput", "What a cluster step returns.")
+        .value("NONE", StepOutput::None, "nothing (a prompt whose next token is known)")
+        .value("LOGITS", StepOutput::Logits, "the last token's logits over the whole vocabulary")
+        .value("TOPK", StepOutput::TopK, "per node: its top-64 candidates and softmax normaliser");
+
+    py::class_<ModelConfig>(m, "ModelConfig",
+                            "The model's shape as the core takes it; dllama.native.native_config builds it from a\n"
+                            "dllama.config.ModelConfig. The Transformer checks it.")
+        .def(py::init(&make_config), py::kw_only(), py::arg("arch"), py::arg("dim"), py::arg("hidden_dim"),
+             py::arg("n_layers"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("vocab_size"),
+             py::arg("n_experts"), py::arg("n_active_experts"), py::arg("moe_hidden_dim"), py::arg("rope_theta"),
+             py::arg("rope_style"), py::arg("rope_scaling_factor"), py::arg("rope_scaling_low_freq_factor"),
+             py::arg("rope_scaling_high_freq_factor"), py::arg("rope_scaling_orig_max_seq_len"), py::arg("norm_eps"),
+             py::arg("weight_type"))
+        .def_readonly("arch", &ModelConfig::arch)
+        .def_readonly("dim", &ModelConfig::dim)
+        .def_readonly("hidden_dim", &ModelConfig::hidden_dim)
+        .def_readonly("n_layers", &ModelConfig::n_layers)
+        .def_readonly("n_heads", &ModelConfig::n_heads)
+        .def_readonly("n_kv_heads", &ModelConfig::n_kv_heads)
+        .def_readonly("head_dim", &ModelConfig::head_dim)
+        .def_readonly("vocab_size", &ModelConfig::vocab_size)
+        .def_readonly("n_experts", &ModelConfig::n_experts)
+        .def_readonly("n_active_experts", &ModelConfig::n_active_experts)
+        .def_readonly("moe_hidden_dim", &ModelConfig::moe_hidden_dim)
+        .def_readonly("rope_theta", &ModelConfig::rope_theta)
+        .def_readonly("rope_style", &ModelConfig::rope_style)
+        .def_property_readonly("rope_scaling_factor", [](const ModelConfig& c) { return c.rope_scaling.factor; })
+        .def_property_readonly("rope_scaling_low_freq_factor",
+                               [](const ModelConfig& c) { return c.rope_scaling.low_freq_factor; })
+        .def_property_readonly("rope_scaling_high_freq_factor",
+                               [](const ModelConfig& c) { return c.rope_scaling.high_freq_factor; })
+        .def_property_readonly("rope_scaling_orig_max_seq_len",
+                               [](const ModelConfig& c) { return c.rope_scaling.orig_max_seq_len; })
+        .def_readonly("norm_eps", &ModelConfig::norm_eps)
+        .def_readonly("weight_type", &ModelConfig::weight_type);
+
+    auto range = [](int SlicePlan::*begin, int SlicePlan::*end) {
+        return [begin, end](const SlicePlan& p) { return Range(p.*begin, p.*end); };
+    };
+    py::class_<SlicePlan>(m, "SlicePlan",
+                          "The half-open ranges of every sharded dimension one node owns (dllama.cluster.plan.NodeSlice;\n"
+                          "dllama.native.native_plan builds it). The Transformer checks them against the model.")
+        .def(py::init(&make_plan), py::kw_only(), py::arg("q_heads"), py::arg("kv_heads"), py::arg("ffn"),
+             py::arg("moe"), py::arg("vocab"))
+        .def_property_readonly("q_heads", range(&SlicePlan::q_head_begin, &SlicePlan::q_head_end))
+        .def_property_readonly("kv_heads", range(&SlicePlan::kv_head_begin, &SlicePlan::kv_head_end))
+        .def_property_readonly("ffn", range(&SlicePlan::ffn_begin, &SlicePlan::ffn_end))
+        .def_property_readonly("moe", range(&SlicePlan::moe_begin, &SlicePlan::moe_end))
+        .def_property_readonly("vocab", range(&SlicePlan::vocab_begin, &SlicePlan::vocab_end));
+
     py::class_<PyMesh>(m, "Mesh")
         .def(py::init<int, std::vector<int>, std::vector<std::string>, int, std::optional<std::vector<py::bytes>>>(),
              py::arg("node"), py::arg("fds"), py::arg("names"), py::arg("timeout_ms") = 10000,
@@ -296,8 +308,6 @@ PYBIND11_MODULE(_core, m) {
              "plain messages, else one per node (b'' for this node, 32 bytes shared with each other node):\n"
              "every message then carries a 16-byte keyed BLAKE2b tag over (sender u32 LE, that direction's\n"
              "message counter u64 LE, payload), and one that fails it is a NetworkError naming its sender.")
-        .def_property_readonly("node", [](PyMesh& self) { return self.mesh->node(); })
-        .def_property_readonly("size", [](PyMesh& self) { return self.mesh->size(); })
         .def("stats", [](PyMesh& self) {
             py::dict d;
             d["sent"] = self.mesh->stats.sent;
@@ -308,10 +318,13 @@ PYBIND11_MODULE(_core, m) {
         });
 
     py::class_<PyTransformer>(m, "Transformer")
-        .def(py::init<const py::dict&, const py::object&, int, int, int>(), py::arg("config"), py::arg("plan") = py::none(),
-             py::arg("nthreads") = 1, py::arg("max_seq_len") = 4096, py::arg("max_batch") = 128)
-        .def("bind", &PyTransformer::bind, py::arg("name"), py::arg("buffer"), py::arg("offset"), py::arg("rows"),
-             py::arg("cols"), py::arg("row_stride"), py::arg("type"))
+        .def(py::init<const ModelConfig&, const std::optional<SlicePlan>&, int, int, int>(), py::arg("config"),
+             py::arg("plan") = py::none(), py::arg("nthreads") = 1, py::arg("max_seq_len") = 4096,
+             py::arg("max_batch") = 128, "One node's forward pass over its slice (None: the whole model).")
+        .def("bind", &PyTransformer::bind, py::arg("kind"), py::arg("layer"), py::arg("expert"), py::arg("buffer"),
+             py::arg("offset"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("type"),
+             "Binds one weight, named by its kind, layer and expert (0 where the kind has none): an F32 one\n"
+             "is read in place (the buffer is kept alive), a Q40 one copied into packed memory of the core's.")
         .def("check_bound", [](PyTransformer& self) { self.model->check_bound(); })
         .def("forward", &PyTransformer::forward, py::arg("tokens"), py::arg("pos"), py::arg("logits") = true)
         .def("attach_root", &PyTransformer::attach_root, py::arg("mesh"), py::arg("q80"), py::arg("vocab_slices"),
@@ -320,12 +333,5 @@ PYBIND11_MODULE(_core, m) {
         .def("step", &PyTransformer::step, py::arg("tokens"), py::arg("pos"), py::arg("output"),
              py::arg("temperature") = 1.0f)
         .def("serve", &PyTransformer::serve, py::arg("mesh"), py::arg("q80"),
-             "A worker's loop: runs the root's steps until the session ends; returns why it ended.")
-        .def_property_readonly("max_seq_len", [](PyTransformer& self) { return self.model->max_seq_len(); })
-        .def_property_readonly("max_batch", [](PyTransformer& self) { return self.model->max_batch(); })
-        .def_property_readonly("nthreads", [](PyTransformer& self) { return self.model->n_threads(); })
-        .def_property_readonly("vocab_slice", [](PyTransformer& self) {
-            const SlicePlan& p = self.model->plan();
-            return std::make_pair(p.vocab_begin, p.vocab_end);
-        });
+             "A worker's loop: runs the root's steps until the session ends; returns why it ended.");
 }

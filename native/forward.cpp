@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "kernels.h"
 
@@ -21,26 +22,27 @@ Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads
       max_batch_(max_batch),
       pool_(n_threads),
       rope_(c.head_dim, max_seq_len, c.rope_theta, c.rope_scaling) {
+    require(c.arch == Arch::Llama || c.arch == Arch::Qwen3 || c.arch == Arch::Qwen3Moe,
+            "unknown architecture " + std::to_string((int)c.arch));
     require(c.dim > 0 && c.n_layers > 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.head_dim > 0 &&
                 c.vocab_size > 0,
             "model dimensions must be positive");
     require(c.n_heads % c.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
     require(c.head_dim % 2 == 0, "head_dim must be even for RoPE");
+    require(c.rope_style == RopeStyle::Interleaved || c.rope_style == RopeStyle::RotateHalf, "unknown rope style");
+    const RopeTable::Scaling& rs = c.rope_scaling;
+    require(rs.factor <= 0 || (rs.orig_max_seq_len > 0 && 0 < rs.low_freq_factor && rs.low_freq_factor < rs.high_freq_factor),
+            "llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and orig_max_seq_len > 0");
     require(max_seq_len > 0 && max_batch > 0, "max_seq_len and max_batch must be positive");
     require(!c.is_moe() || (c.n_experts > 0 && c.n_active_experts > 0 &&
                             c.n_active_experts <= c.n_experts && c.moe_hidden_dim > 0),
             "a MoE model needs n_experts >= n_active_experts > 0 and moe_hidden_dim > 0");
     require(c.is_moe() || c.hidden_dim > 0, "a dense model needs hidden_dim > 0");
+    check_plan(c, p);
     q_dim_ = p.q_heads() * c.head_dim;
     kv_dim_ = p.kv_heads() * c.head_dim;
     ffn_dim_ = c.is_moe() ? 0 : p.ffn();
     moe_dim_ = c.is_moe() ? p.moe() : 0;
-    const int group = c.n_heads / c.n_kv_heads;
-    require(p.q_heads() > 0 && p.q_head_begin >= 0 && p.q_head_end <= c.n_heads,
-            "slice plan: bad query head range");
-    require(p.kv_head_begin == p.q_head_begin / group &&
-                p.kv_head_end == (p.q_head_end - 1) / group + 1,
-            "slice plan: kv heads must be exactly those its query heads read");
     if (c.weight_type == FloatType::Q40) {
         const int32_t dims[] = {c.dim, q_dim_, ffn_dim_, moe_dim_};
         for (int d : dims)
@@ -86,17 +88,28 @@ Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads
     }
 }
 
-void Transformer::bind(const std::string& name, const uint8_t* data, int rows, int cols,
+// "WQ of layer 3", "EXPERT_UP of layer 0 expert 7", "LM_HEAD"
+static std::string weight_name(const TensorSlot& slot, TensorKind kind, int layer, int expert, const Weights& w) {
+    std::string out = tensor_kind_name(kind);
+    const bool model_wide = slot.tensor == &w.embedding || slot.tensor == &w.final_norm || slot.tensor == &w.lm_head;
+    if (!model_wide) out += " of layer " + std::to_string(layer);
+    if (kind == TensorKind::ExpertGate || kind == TensorKind::ExpertDown || kind == TensorKind::ExpertUp)
+        out += " expert " + std::to_string(expert);
+    return out;
+}
+
+void Transformer::bind(TensorKind kind, int layer, int expert, const uint8_t* data, int rows, int cols,
                        size_t row_stride, FloatType type) {
-    TensorSlot slot = find_tensor_slot(weights_, config_, plan_, name);
+    const TensorSlot slot = find_tensor_slot(weights_, config_, plan_, kind, layer, expert);
+    require(slot.tensor != nullptr, std::string("this model has no ") + tensor_kind_name(kind) + " weight");
     auto shape = [](int r, int c) { return "[" + std::to_string(r) + ", " + std::to_string(c) + "]"; };
     require(rows == slot.rows && cols == slot.cols,
-            "tensor " + name + ": expected shape " + shape(slot.rows, slot.cols) + ", got " + shape(rows, cols));
-    require(type == slot.type, "tensor " + name + ": unexpected float type " + std::to_string((int)type));
-    require(data != nullptr, "tensor " + name + ": no data");
-    require(row_stride >= row_bytes(type, cols), "tensor " + name + ": row stride shorter than a row");
+            "expected shape " + shape(slot.rows, slot.cols) + ", got " + shape(rows, cols));
+    require(type == slot.type, "unexpected float type " + std::to_string((int)type));
+    require(data != nullptr, "no data");
+    require(row_stride >= row_bytes(type, cols), "row stride shorter than a row");
     if (type == FloatType::Q40) {
-        AlignedBytes& own = packed_[name];
+        AlignedBytes& own = packed_[slot.tensor];
         own = alloc_packed_q40(rows, cols);
         const int groups = q40_groups(rows);
         uint8_t* out = own.get();
@@ -110,10 +123,19 @@ void Transformer::bind(const std::string& name, const uint8_t* data, int rows, i
 }
 
 void Transformer::check_bound() const {
+    // every kind at every layer and expert: a model-wide kind's slot is the same at each, a
+    // layer's at each expert
     auto& weights = const_cast<Weights&>(weights_);
-    for (const std::string& name : tensor_names(config_)) {
-        if (find_tensor_slot(weights, config_, plan_, name).tensor->data == nullptr)
-            throw std::invalid_argument("tensor " + name + " was not loaded");
+    const int experts = std::max(1, config_.n_experts);
+    for (int k = 0; k < (int)TensorKind::Count; k++) {
+        const TensorKind kind = (TensorKind)k;
+        for (int l = 0; l < config_.n_layers; l++) {
+            for (int e = 0; e < experts; e++) {
+                const TensorSlot slot = find_tensor_slot(weights, config_, plan_, kind, l, e);
+                if (slot.tensor && slot.tensor->data == nullptr)
+                    throw std::invalid_argument("weight " + weight_name(slot, kind, l, e, weights_) + " was not bound");
+            }
+        }
     }
 }
 
@@ -299,18 +321,23 @@ void Transformer::dense_ffn(int l, int n) {
     run_matmuls(&down, 1);
 }
 
+// w2(silu(w1 x) * w3 x) of the k experts the router picks for each token, weighted by its
+// router probabilities: route, group the tokens by expert, run the experts, combine
 void Transformer::moe_ffn(int l, int n) {
-    const ModelConfig& c = config_;
     const LayerWeights& L = weights_.layers[l];
-    const Kernels& kern = kernels();
-    const int E = c.n_experts, k = c.n_active_experts, hidden = moe_dim_;
-    const size_t dim = c.dim;
-    const bool quantized = c.weight_type == FloatType::Q40;
+    std::vector<int> count(config_.n_experts, 0);
+    route(L, n, count);
+    const std::vector<int> offset = group_by_expert(n, count);
+    run_experts(L, n, count, offset);
+    combine_experts(n);
+}
 
-    // router: softmax over all experts, keep the top k, renormalise their probabilities
+// router: softmax over all experts, keep the top k, renormalise their probabilities; count[e]
+// gains one for every token that chose expert e
+void Transformer::route(const LayerWeights& L, int n, std::vector<int>& count) {
+    const int E = config_.n_experts, k = config_.n_active_experts;
     MatmulJob router{&L.router, router_.data(), xb_.data(), n};
     run_matmuls(&router, 1);
-    std::vector<int> count(E, 0);
     for (int b = 0; b < n; b++) {
         float* p = &router_[(size_t)b * E];
         softmax(p, E);
@@ -330,27 +357,42 @@ void Transformer::moe_ffn(int l, int n) {
         }
         for (int j = 0; j < k; j++) w[j] /= total;
     }
+}
 
-    // group the (token, choice) pairs by expert so each expert's weights are read once
+// the (token, choice) pairs grouped by expert, so each expert's weights are read once: every
+// pair's row in the grouped buffers (route_slot_) and its token's input gathered there (gx_, or
+// gxq_ for Q40 weights); returns where each expert's rows begin (offset[E] = n * k)
+std::vector<int> Transformer::group_by_expert(int n, const std::vector<int>& count) {
+    const int E = config_.n_experts, k = config_.n_active_experts;
+    const size_t dim = config_.dim;
     std::vector<int> offset(E + 1, 0);
     for (int e = 0; e < E; e++) offset[e + 1] = offset[e] + count[e];
     std::vector<int> fill(offset.begin(), offset.end() - 1);
     for (int a = 0; a < n * k; a++) route_slot_[a] = fill[route_expert_[a]]++;
     const int rows = n * k;
     const size_t blocks = dim / kBlockSize;
-    if (quantized) {
-        matmul_input(xb_.data(), xq_.data(), n, c.dim);
+    if (config_.weight_type == FloatType::Q40) {
+        matmul_input(xb_.data(), xq_.data(), n, config_.dim);
         for (int a = 0; a < rows; a++)
             std::memcpy(&gxq_[route_slot_[a] * blocks], &xq_[(a / k) * blocks], blocks * sizeof(BlockQ80));
     } else {
         for (int a = 0; a < rows; a++)
             std::memcpy(&gx_[route_slot_[a] * dim], &xb_[(a / k) * dim], dim * sizeof(float));
     }
+    return offset;
+}
+
+// every chosen expert over its rows of the grouped buffers: silu(w1 x) * w3 x, then w2 of it
+// into eout_
+void Transformer::run_experts(const LayerWeights& L, int n, const std::vector<int>& count,
+                              const std::vector<int>& offset) {
+    const int E = config_.n_experts, k = config_.n_active_experts, hidden = moe_dim_;
+    const size_t dim = config_.dim, blocks = dim / kBlockSize;
+    const bool quantized = config_.weight_type == FloatType::Q40;
     auto gathered = [&](int slot) -> const void* {
         return quantized ? (const void*)&gxq_[slot * blocks] : (const void*)&gx_[slot * dim];
     };
 
-    // every chosen expert: silu(w1 x) * w3 x over its tokens
     std::vector<MatmulJob> jobs;
     for (int e = 0; e < E; e++) {
         if (!count[e]) continue;
@@ -359,6 +401,7 @@ void Transformer::moe_ffn(int l, int n) {
         jobs.push_back({&X.up, &h3_[(size_t)offset[e] * hidden], gathered(offset[e]), count[e]});
     }
     run_matmuls(jobs.data(), (int)jobs.size());
+    const int rows = n * k;
     pool_.for_chunks(rows, [&](int r) {
         float* h = &h1_[(size_t)r * hidden];
         silu_mul(h, h, &h3_[(size_t)r * hidden], hidden);
@@ -366,7 +409,6 @@ void Transformer::moe_ffn(int l, int n) {
     const void* hin = matmul_input(h1_.data(), hq_.data(), rows, hidden);
     const size_t hstride = quantized ? hidden / kBlockSize : hidden;
 
-    // w2 of every chosen expert, then each token's outputs weighted by its router probabilities
     jobs.clear();
     for (int e = 0; e < E; e++) {
         if (!count[e]) continue;
@@ -375,12 +417,19 @@ void Transformer::moe_ffn(int l, int n) {
         jobs.push_back({&L.experts[e].down, &eout_[(size_t)offset[e] * dim], x, count[e]});
     }
     run_matmuls(jobs.data(), (int)jobs.size());
+}
+
+// each token's k expert outputs weighted by its renormalised router probabilities, into part_
+void Transformer::combine_experts(int n) {
+    const Kernels& kern = kernels();
+    const int k = config_.n_active_experts;
+    const size_t dim = config_.dim;
     pool_.for_chunks(n, [&](int b) {
         float* out = &part_[b * dim];
         std::memset(out, 0, dim * sizeof(float));
         for (int j = 0; j < k; j++) {
             const int a = b * k + j;
-            kern.vec_mad_f32(c.dim, out, &eout_[(size_t)route_slot_[a] * dim], route_weight_[a]);
+            kern.vec_mad_f32(config_.dim, out, &eout_[(size_t)route_slot_[a] * dim], route_weight_[a]);
         }
     });
 }

@@ -2,7 +2,6 @@
 #pragma once
 #include <map>
 #include <memory>
-#include <string>
 #include <vector>
 
 #include "model.h"
@@ -27,10 +26,10 @@ public:
                 int max_batch);
 
     // Points an F32 weight at memory the caller keeps alive; copies a Q40 one into packed
-    // memory of its own (repack.h), so the caller's copy is no longer read. Throws
-    // std::invalid_argument when the name is unknown or the shape or type is not what this
-    // node expects.
-    void bind(const std::string& name, const uint8_t* data, int rows, int cols, size_t row_stride,
+    // memory of its own (repack.h), so the caller's copy is no longer read. layer and expert
+    // matter where the kind has them. Throws std::invalid_argument when this model has no such
+    // weight or the shape or type is not what this node's forward pass multiplies it at.
+    void bind(TensorKind kind, int layer, int expert, const uint8_t* data, int rows, int cols, size_t row_stride,
               FloatType type);
     // Throws std::invalid_argument naming the first weight not bound yet.
     void check_bound() const;
@@ -66,6 +65,11 @@ private:
     void attention(int layer, int n, int pos);
     void dense_ffn(int layer, int n);
     void moe_ffn(int layer, int n);
+    // moe_ffn's steps
+    void route(const LayerWeights& L, int n, std::vector<int>& count);
+    std::vector<int> group_by_expert(int n, const std::vector<int>& count);
+    void run_experts(const LayerWeights& L, int n, const std::vector<int>& count, const std::vector<int>& offset);
+    void combine_experts(int n);
     void sync(float* x, int n);
 
     ModelConfig config_;
@@ -74,7 +78,7 @@ private:
     ThreadPool pool_;
     RopeTable rope_;
     Weights weights_;
-    std::map<std::string, AlignedBytes> packed_;  // the Q40 matrices, by name
+    std::map<const Tensor*, AlignedBytes> packed_;  // the Q40 matrices, by the weight they fill
     AllReduce* all_reduce_ = nullptr;
 
     // sizes of this node's slices

@@ -26,24 +26,20 @@ struct Kernels {
     void (*dequantize_row_q80)(const BlockQ80* x, float* y, int n);
     void (*dequantize_row_q40)(const BlockQ40* x, float* y, int n);
 
-    float (*vec_dot_q40_q80)(int n, const BlockQ40* w, const BlockQ80* x);
     float (*vec_dot_f32)(int n, const float* a, const float* b);
     // y[i] += a * x[i]
     void (*vec_mad_f32)(int n, float* y, const float* x, float a);
 
-    // Row range [r0, r1) of y = W x for a batch of activation rows:
+    // Row range [r0, r1) of y = W x for a batch of activation rows, W a Q40 matrix packed by
+    // pack_q40_groups (repack.h), the form the forward pass binds:
     //   y[b * y_stride + r] = dot(W row r, x row b)   for r in [r0, r1), b in [0, batch)
-    // W row r starts at w + r * w_stride bytes (a stride wider than the row lets a node read a
-    // column slice of a bigger matrix in place). n = number of input values per row.
+    // r0 is a multiple of 8; the group holding row r1 - 1 is read whole (its padding rows are
+    // part of the packed matrix); only rows [r0, r1) are written. n = input values per row.
     // Each weight row is loaded once and used for the whole batch (prefill reads weights once).
-    void (*matmul_q40_q80)(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
-                           const BlockQ80* x, size_t x_stride_blocks, int n, int r0, int r1,
-                           int batch);
-    // The same product over a matrix packed by pack_q40 (repack.h), the form the forward pass
-    // binds: w is the packed matrix, r0 a multiple of 8. The group holding row r1 - 1 is read
-    // whole (its padding rows are part of the packed matrix); only rows [r0, r1) are written.
     void (*matmul_q40x8_q80)(float* y, size_t y_stride, const uint8_t* w, const BlockQ80* x,
                              size_t x_stride_blocks, int n, int r0, int r1, int batch);
+    // The same over an F32 matrix in place: W row r starts at w + r * w_stride bytes (a stride
+    // wider than the row lets a node read a column slice of a bigger matrix in place).
     void (*matmul_f32)(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
                        const float* x, size_t x_stride, int n, int r0, int r1, int batch);
 };

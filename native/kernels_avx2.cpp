@@ -2,9 +2,9 @@
 // everything here has internal linkage: no inline function or template instantiation compiled
 // with AVX2 can be shared with (and picked by the linker for) the portable code.
 //
-// Q40 x Q80 block dot, exact in integers: with w the unsigned nibbles (0..15) and q the int8
-// activations, sum((w - 8) * q) = maddubs(w, q) - maddubs(8, q) per pair of bytes (no int16
-// overflow, any q in -128..127), then madd with ones to int32, convert, and one FMA with d_w * d_x.
+// Q40 x Q80 over packed rows (repack.h), exact in integers: with w the unsigned nibbles (0..15)
+// and q the int8 activations, sum((w - 8) * q) = sum(w * q) - 8 * sum(q), the first by maddubs,
+// the second once per activation block; then convert and one FMA with d_w * d_x.
 #include <immintrin.h>
 
 #include <vector>
@@ -133,85 +133,6 @@ void dequantize_row_q40_avx2(const BlockQ40* x, float* y, int n) {
         _mm256_storeu_ps(yb + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d));
         _mm256_storeu_ps(yb + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), d));
     }
-}
-
-// lane r of each 128-bit half, broadcast (both halves hold the same four values)
-__m256 lane_f32x8(__m256 v, int r) {
-    switch (r) {
-        case 0: return _mm256_permute_ps(v, 0x00);
-        case 1: return _mm256_permute_ps(v, 0x55);
-        case 2: return _mm256_permute_ps(v, 0xAA);
-        default: return _mm256_permute_ps(v, 0xFF);
-    }
-}
-
-// How far ahead of the block being read each weight row is prefetched. The dot product does
-// enough work per byte that the out-of-order window alone keeps too few cache lines in flight
-// to hide DRAM latency; measured on a 150 MB matrix (one thread): no prefetch 3.5 GB/s,
-// 2 KB ahead 5.8, 8 KB ahead 7.3 (rows of a tile are contiguous, so this reaches the next tiles).
-constexpr int kPrefetchBytes = 8192;
-
-// R weight rows x B activation rows over nb blocks: each weight block is unpacked once and used
-// for all B activation rows; each activation block is loaded once for all R weight rows, and
-// the R weight scales of a block are converted together.
-template <int R, int B>
-void dot_tile_q40_q80(int nb, const BlockQ40* const* w, const BlockQ80* const* x, float* y,
-                      size_t y_stride) {
-    static_assert(R >= 1 && R <= 4, "the scales of up to four rows share one vector");
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    const __m256i high_half_by_4 = _mm256_setr_epi64x(0, 0, 4, 4);
-    const __m256i eight = _mm256_set1_epi8(8);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[R][B];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) acc[r][b] = _mm256_setzero_ps();
-    for (int i = 0; i < nb; i++) {
-        for (int r = 0; r < R; r++) _mm_prefetch(reinterpret_cast<const char*>(w[r] + i) + kPrefetchBytes, _MM_HINT_T0);
-        __m128i hw = _mm_cvtsi32_si128(w[0][i].d);
-        if constexpr (R > 1) hw = _mm_insert_epi16(hw, w[1][i].d, 1);
-        if constexpr (R > 2) hw = _mm_insert_epi16(hw, w[2][i].d, 2);
-        if constexpr (R > 3) hw = _mm_insert_epi16(hw, w[3][i].d, 3);
-        const __m128 dw = _mm_cvtph_ps(hw);  // d_w of the R rows
-        __m256i q[B], q8[B];
-        __m256 scale[B];  // d_w[r] * d_x[b] in lane r
-        for (int b = 0; b < B; b++) {
-            q[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[b][i].qs));
-            q8[b] = _mm256_maddubs_epi16(eight, q[b]);
-            const __m128 s = _mm_mul_ps(dw, _mm_set1_ps(fp16_to_fp32_f16c(x[b][i].d)));
-            scale[b] = _mm256_set_m128(s, s);
-        }
-        for (int r = 0; r < R; r++) {
-            // nibbles: the 16 bytes in both halves, the high half shifted down by 4, masked
-            const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r][i].qs)));
-            const __m256i wq = _mm256_and_si256(_mm256_srlv_epi64(raw, high_half_by_4), m4);
-            for (int b = 0; b < B; b++) {
-                const __m256i p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(wq, q[b]), q8[b]);
-                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-                acc[r][b] = _mm256_fmadd_ps(lane_f32x8(scale[b], r), p, acc[r][b]);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) y[size_t(b) * y_stride + r] = hsum_f32x8(acc[r][b]);
-}
-
-struct TileQ40 {
-    template <int R, int B>
-    static void run(int nb, const BlockQ40* const* w, const BlockQ80* const* x, float* y, size_t y_stride) {
-        dot_tile_q40_q80<R, B>(nb, w, x, y, y_stride);
-    }
-};
-
-float vec_dot_q40_q80_avx2(int n, const BlockQ40* w, const BlockQ80* x) {
-    float y;
-    dot_tile_q40_q80<1, 1>(n / kBlockSize, &w, &x, &y, 0);
-    return y;
-}
-
-void matmul_q40_q80_avx2(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
-                         const BlockQ80* x, size_t x_stride_blocks, int n, int r0, int r1, int batch) {
-    matmul_tiled<TileQ40, BlockQ40, BlockQ80>(4, y, y_stride, w, w_stride, x, x_stride_blocks, n / kBlockSize, r0, r1,
-                                              batch);
 }
 
 // An activation block as the packed kernel reads it besides its bytes: d_x as fp32 and the
@@ -382,10 +303,8 @@ const Kernels kAvx2 = {
     quantize_row_q40_avx2,
     dequantize_row_q80_avx2,
     dequantize_row_q40_avx2,
-    vec_dot_q40_q80_avx2,
     vec_dot_f32_avx2,
     vec_mad_f32_avx2,
-    matmul_q40_q80_avx2,
     matmul_q40x8_q80_avx2,
     matmul_f32_avx2,
 };

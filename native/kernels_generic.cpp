@@ -76,21 +76,6 @@ static void dequantize_row_q40_generic(const BlockQ40* x, float* y, int n) {
     }
 }
 
-// sum over blocks of d_w * d_x * (integer dot of the block)
-static float vec_dot_q40_q80_generic(int n, const BlockQ40* w, const BlockQ80* x) {
-    const int nb = n / kBlockSize;
-    float sum = 0.0f;
-    for (int i = 0; i < nb; i++) {
-        int sumi = 0;
-        for (int j = 0; j < kBlockSize / 2; j++) {
-            sumi += ((w[i].qs[j] & 0x0F) - 8) * x[i].qs[j];
-            sumi += ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + kBlockSize / 2];
-        }
-        sum += float(sumi) * (fp16_to_fp32(w[i].d) * fp16_to_fp32(x[i].d));
-    }
-    return sum;
-}
-
 // eight partial sums in a fixed order (lets the compiler vectorize without reassociating)
 static float vec_dot_f32_generic(int n, const float* a, const float* b) {
     float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -106,18 +91,9 @@ static void vec_mad_f32_generic(int n, float* y, const float* x, float a) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-static void matmul_q40_q80_generic(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
-                                   const BlockQ80* x, size_t x_stride_blocks, int n, int r0, int r1,
-                                   int batch) {
-    for (int r = r0; r < r1; r++) {
-        const BlockQ40* wr = reinterpret_cast<const BlockQ40*>(w + size_t(r) * w_stride);
-        for (int b = 0; b < batch; b++)
-            y[size_t(b) * y_stride + r] = vec_dot_q40_q80_generic(n, wr, x + size_t(b) * x_stride_blocks);
-    }
-}
-
-// Row by row over the packed groups, summing in vec_dot_q40_q80_generic's order: the results
-// equal matmul_q40_q80_generic's bit for bit.
+// Row by row over the packed groups, block after block: sum over blocks of d_w * d_x * (the
+// block's integer dot). The row-major reference in tests/test_kernels.cpp sums in this order
+// over the unpacked matrix, and the two agree bit for bit.
 static void matmul_q40x8_q80_generic(float* y, size_t y_stride, const uint8_t* w, const BlockQ80* x,
                                      size_t x_stride_blocks, int n, int r0, int r1, int batch) {
     const int nb = n / kBlockSize;
@@ -159,10 +135,8 @@ static const Kernels kGeneric = {
     quantize_row_q40_generic,
     dequantize_row_q80_generic,
     dequantize_row_q40_generic,
-    vec_dot_q40_q80_generic,
     vec_dot_f32_generic,
     vec_mad_f32_generic,
-    matmul_q40_q80_generic,
     matmul_q40x8_q80_generic,
     matmul_f32_generic,
 };

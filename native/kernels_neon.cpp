@@ -2,8 +2,9 @@
 // -march=armv8.2-a+dotprod+fp16, so everything here has internal linkage: nothing compiled for
 // those extensions can be shared with (and picked by the linker for) the portable code.
 //
-// Q40 x Q80 block dot, exact in integers: the nibbles become int8 (n - 8), vdotq_s32 multiplies
-// them with the int8 activations into four int32 lanes, then one FMA with d_w * d_x.
+// Q40 x Q80 over packed rows (repack.h), exact in integers: vdotq_s32 multiplies the unsigned
+// nibbles (0..15) with the int8 activations on top of the block's sum(-8 * q), so every int32
+// lane ends at sum((n - 8) * q); then convert and one FMA with d_w * d_x.
 #include <arm_neon.h>
 #include <sys/auxv.h>
 
@@ -128,84 +129,10 @@ void dequantize_row_q40_neon(const BlockQ40* x, float* y, int n) {
     }
 }
 
-// acc + a * s[lane]
-float32x4_t fma_lane_f32x4(float32x4_t acc, float32x4_t a, float32x4_t s, int lane) {
-    switch (lane) {
-        case 0: return vfmaq_laneq_f32(acc, a, s, 0);
-        case 1: return vfmaq_laneq_f32(acc, a, s, 1);
-        case 2: return vfmaq_laneq_f32(acc, a, s, 2);
-        default: return vfmaq_laneq_f32(acc, a, s, 3);
-    }
-}
-
-// How far ahead of the block being read each weight row is prefetched (see kernels_avx2.cpp:
-// the dot product's work per byte leaves too few loads in flight to hide DRAM latency). Not yet
-// tuned on a Pi 5.
+// How far ahead of the group-block being read the packed stream is prefetched, two lines per
+// 144-byte group-block (see kernels_avx2.cpp: the dot product's work per byte leaves too few
+// loads in flight to hide DRAM latency). Not yet tuned on a Pi 5.
 constexpr int kPrefetchBytes = 8192;
-
-// R weight rows x B activation rows over nb blocks: each weight block is unpacked once and used
-// for all B activation rows; each activation block is loaded once for all R weight rows, and
-// the R weight scales of a block are converted together. The nibbles stay unsigned (0..15): the
-// dot products start from sum(-8 * q), computed once per activation block, so every int32 lane
-// ends at sum((n - 8) * q) exactly.
-template <int R, int B>
-void dot_tile_q40_q80(int nb, const BlockQ40* const* w, const BlockQ80* const* x, float* y,
-                      size_t y_stride) {
-    static_assert(R >= 1 && R <= 4, "the scales of up to four rows share one vector");
-    const uint8x16_t m4 = vdupq_n_u8(0x0F);
-    const int8x16_t minus8 = vdupq_n_s8(-8);
-    float32x4_t acc[R][B];
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) acc[r][b] = vdupq_n_f32(0.0f);
-    for (int i = 0; i < nb; i++) {
-        for (int r = 0; r < R; r++) __builtin_prefetch(reinterpret_cast<const char*>(w[r] + i) + kPrefetchBytes);
-        uint16x4_t hw = vdup_n_u16(0);
-        hw = vld1_lane_u16(&w[0][i].d, hw, 0);
-        if constexpr (R > 1) hw = vld1_lane_u16(&w[1][i].d, hw, 1);
-        if constexpr (R > 2) hw = vld1_lane_u16(&w[2][i].d, hw, 2);
-        if constexpr (R > 3) hw = vld1_lane_u16(&w[3][i].d, hw, 3);
-        const float32x4_t dw = vcvt_f32_f16(vreinterpret_f16_u16(hw));  // d_w of the R rows
-        int8x16_t x0[B], x1[B];
-        int32x4_t base[B];
-        float32x4_t scale[B];  // d_w[r] * d_x[b] in lane r
-        for (int b = 0; b < B; b++) {
-            x0[b] = vld1q_s8(x[b][i].qs);
-            x1[b] = vld1q_s8(x[b][i].qs + 16);
-            base[b] = vdotq_s32(vdotq_s32(vdupq_n_s32(0), minus8, x0[b]), minus8, x1[b]);
-            scale[b] = vmulq_n_f32(dw, fp16_to_fp32_neon(x[b][i].d));
-        }
-        for (int r = 0; r < R; r++) {
-            const uint8x16_t raw = vld1q_u8(w[r][i].qs);
-            const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(raw, m4));
-            const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
-            for (int b = 0; b < B; b++) {
-                const int32x4_t p = vdotq_s32(vdotq_s32(base[b], lo, x0[b]), hi, x1[b]);
-                acc[r][b] = fma_lane_f32x4(acc[r][b], vcvtq_f32_s32(p), scale[b], r);
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int b = 0; b < B; b++) y[size_t(b) * y_stride + r] = vaddvq_f32(acc[r][b]);
-}
-
-struct TileQ40 {
-    template <int R, int B>
-    static void run(int nb, const BlockQ40* const* w, const BlockQ80* const* x, float* y, size_t y_stride) {
-        dot_tile_q40_q80<R, B>(nb, w, x, y, y_stride);
-    }
-};
-
-float vec_dot_q40_q80_neon(int n, const BlockQ40* w, const BlockQ80* x) {
-    float y;
-    dot_tile_q40_q80<1, 1>(n / kBlockSize, &w, &x, &y, 0);
-    return y;
-}
-
-void matmul_q40_q80_neon(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
-                         const BlockQ80* x, size_t x_stride_blocks, int n, int r0, int r1, int batch) {
-    matmul_tiled<TileQ40, BlockQ40, BlockQ80>(4, y, y_stride, w, w_stride, x, x_stride_blocks, n / kBlockSize, r0, r1,
-                                              batch);
-}
 
 struct PackedCtx {
     const BlockQ80* x;
@@ -343,10 +270,8 @@ const Kernels kNeon = {
     quantize_row_q40_neon,
     dequantize_row_q80_neon,
     dequantize_row_q40_neon,
-    vec_dot_q40_q80_neon,
     vec_dot_f32_neon,
     vec_mad_f32_neon,
-    matmul_q40_q80_neon,
     matmul_q40x8_q80_neon,
     matmul_f32_neon,
 };

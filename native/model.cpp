@@ -1,6 +1,6 @@
 #include "model.h"
 
-#include <cstdlib>
+#include <string>
 #include <stdexcept>
 
 namespace dllama {
@@ -15,89 +15,71 @@ SlicePlan SlicePlan::whole(const ModelConfig& c) {
     return p;
 }
 
-std::vector<std::string> tensor_names(const ModelConfig& c) {
-    std::vector<std::string> names{"embed_tokens"};
-    for (int l = 0; l < c.n_layers; l++) {
-        const std::string p = "layers." + std::to_string(l) + ".";
-        for (const char* n : {"q_proj", "k_proj", "v_proj", "o_proj"}) names.push_back(p + n);
-        if (c.is_moe()) {
-            names.push_back(p + "router");
-            for (int e = 0; e < c.n_experts; e++) {
-                const std::string pe = p + "experts." + std::to_string(e) + ".";
-                for (const char* n : {"gate_proj", "down_proj", "up_proj"}) names.push_back(pe + n);
-            }
-        } else {
-            for (const char* n : {"gate_proj", "down_proj", "up_proj"}) names.push_back(p + n);
-        }
-        if (c.has_qk_norm()) {
-            names.push_back(p + "q_norm");
-            names.push_back(p + "k_norm");
-        }
-        names.push_back(p + "input_layernorm");
-        names.push_back(p + "post_attention_layernorm");
-    }
-    names.push_back("norm");
-    names.push_back("lm_head");
-    return names;
+void check_plan(const ModelConfig& c, const SlicePlan& p) {
+    auto range = [](const char* what, int begin, int end, int limit, bool used) {
+        if (begin < 0 || end < begin || end > limit || (used && begin == end))
+            throw std::invalid_argument(std::string("slice plan: bad range for ") + what + " [" + std::to_string(begin) +
+                                        ", " + std::to_string(end) + ") of " + std::to_string(limit));
+    };
+    range("q_heads", p.q_head_begin, p.q_head_end, c.n_heads, true);
+    range("kv_heads", p.kv_head_begin, p.kv_head_end, c.n_kv_heads, true);
+    range("ffn", p.ffn_begin, p.ffn_end, c.hidden_dim, !c.is_moe());
+    range("moe", p.moe_begin, p.moe_end, c.moe_hidden_dim, c.is_moe());
+    range("vocab", p.vocab_begin, p.vocab_end, c.vocab_size, true);
+    const int group = c.n_heads / c.n_kv_heads;
+    if (p.kv_head_begin != p.q_head_begin / group || p.kv_head_end != (p.q_head_end - 1) / group + 1)
+        throw std::invalid_argument("slice plan: kv heads must be exactly those its query heads read");
 }
 
-namespace {
-
-// Reads a decimal index followed by '.', advancing s; -1 when there is none.
-int take_index(const char*& s) {
-    char* end = nullptr;
-    const long v = std::strtol(s, &end, 10);
-    if (end == s || *end != '.' || v < 0 || v > 1 << 20) return -1;
-    s = end + 1;
-    return (int)v;
+const char* tensor_kind_name(TensorKind kind) {
+#define DLLAMA_NAME(e, name) name,
+    static const char* const names[] = {DLLAMA_TENSOR_KINDS(DLLAMA_NAME)};
+#undef DLLAMA_NAME
+    const int k = (int)kind;
+    return k >= 0 && k < (int)TensorKind::Count ? names[k] : "?";
 }
 
-[[noreturn]] void unknown(const std::string& name) {
-    throw std::invalid_argument("unknown tensor name '" + name + "' for this model");
-}
-
-}  // namespace
-
-TensorSlot find_tensor_slot(Weights& w, const ModelConfig& c, const SlicePlan& p,
-                            const std::string& name) {
+TensorSlot find_tensor_slot(Weights& w, const ModelConfig& c, const SlicePlan& p, TensorKind kind, int layer,
+                            int expert) {
     const FloatType mat = c.weight_type, f32 = FloatType::F32;
-    if (name == "embed_tokens") return {&w.embedding, c.vocab_size, c.dim, f32};
-    if (name == "norm") return {&w.final_norm, 1, c.dim, f32};
-    if (name == "lm_head") return {&w.lm_head, p.vocab(), c.dim, mat};
-
-    const char* s = name.c_str();
-    if (name.rfind("layers.", 0) != 0) unknown(name);
-    s += 7;
-    const int l = take_index(s);
-    if (l < 0 || l >= c.n_layers) unknown(name);
-    LayerWeights& L = w.layers[l];
-    const std::string rest = s;
     const int q = p.q_heads() * c.head_dim, kv = p.kv_heads() * c.head_dim;
-    if (rest == "q_proj") return {&L.wq, q, c.dim, mat};
-    if (rest == "k_proj") return {&L.wk, kv, c.dim, mat};
-    if (rest == "v_proj") return {&L.wv, kv, c.dim, mat};
-    if (rest == "o_proj") return {&L.wo, c.dim, q, mat};
-    if (rest == "input_layernorm") return {&L.attn_norm, 1, c.dim, f32};
-    if (rest == "post_attention_layernorm") return {&L.ffn_norm, 1, c.dim, f32};
-    if (c.has_qk_norm() && rest == "q_norm") return {&L.q_norm, 1, c.head_dim, f32};
-    if (c.has_qk_norm() && rest == "k_norm") return {&L.k_norm, 1, c.head_dim, f32};
-    if (!c.is_moe()) {
-        if (rest == "gate_proj") return {&L.gate, p.ffn(), c.dim, mat};
-        if (rest == "down_proj") return {&L.down, c.dim, p.ffn(), mat};
-        if (rest == "up_proj") return {&L.up, p.ffn(), c.dim, mat};
-        unknown(name);
+    const int ffn = c.is_moe() ? 0 : p.ffn(), moe = c.is_moe() ? p.moe() : 0;
+    auto in_layer = [&]() -> LayerWeights& {
+        if (layer < 0 || layer >= c.n_layers)
+            throw std::invalid_argument("layer " + std::to_string(layer) + " is not in 0.." +
+                                        std::to_string(c.n_layers - 1));
+        return w.layers[layer];
+    };
+    auto in_expert = [&]() -> ExpertWeights& {
+        LayerWeights& L = in_layer();
+        if (expert < 0 || expert >= c.n_experts)
+            throw std::invalid_argument("expert " + std::to_string(expert) + " is not in 0.." +
+                                        std::to_string(c.n_experts - 1));
+        return L.experts[expert];
+    };
+    const TensorSlot unread{nullptr, 0, 0, f32};
+    switch (kind) {
+        case TensorKind::Embedding: return {&w.embedding, c.vocab_size, c.dim, f32};
+        case TensorKind::Wq: return {&in_layer().wq, q, c.dim, mat};
+        case TensorKind::Wk: return {&in_layer().wk, kv, c.dim, mat};
+        case TensorKind::Wv: return {&in_layer().wv, kv, c.dim, mat};
+        case TensorKind::Wo: return {&in_layer().wo, c.dim, q, mat};
+        case TensorKind::Gate: return c.is_moe() ? unread : TensorSlot{&in_layer().gate, ffn, c.dim, mat};
+        case TensorKind::Down: return c.is_moe() ? unread : TensorSlot{&in_layer().down, c.dim, ffn, mat};
+        case TensorKind::Up: return c.is_moe() ? unread : TensorSlot{&in_layer().up, ffn, c.dim, mat};
+        case TensorKind::Router: return c.is_moe() ? TensorSlot{&in_layer().router, c.n_experts, c.dim, f32} : unread;
+        case TensorKind::ExpertGate: return c.is_moe() ? TensorSlot{&in_expert().gate, moe, c.dim, mat} : unread;
+        case TensorKind::ExpertDown: return c.is_moe() ? TensorSlot{&in_expert().down, c.dim, moe, mat} : unread;
+        case TensorKind::ExpertUp: return c.is_moe() ? TensorSlot{&in_expert().up, moe, c.dim, mat} : unread;
+        case TensorKind::QNorm: return c.has_qk_norm() ? TensorSlot{&in_layer().q_norm, 1, c.head_dim, f32} : unread;
+        case TensorKind::KNorm: return c.has_qk_norm() ? TensorSlot{&in_layer().k_norm, 1, c.head_dim, f32} : unread;
+        case TensorKind::AttnNorm: return {&in_layer().attn_norm, 1, c.dim, f32};
+        case TensorKind::FfnNorm: return {&in_layer().ffn_norm, 1, c.dim, f32};
+        case TensorKind::FinalNorm: return {&w.final_norm, 1, c.dim, f32};
+        case TensorKind::LmHead: return {&w.lm_head, p.vocab(), c.dim, mat};
+        case TensorKind::Count: break;
     }
-    if (rest == "router") return {&L.router, c.n_experts, c.dim, f32};
-    if (rest.rfind("experts.", 0) != 0) unknown(name);
-    s += 8;
-    const int e = take_index(s);
-    if (e < 0 || e >= c.n_experts) unknown(name);
-    ExpertWeights& E = L.experts[e];
-    const std::string part = s;
-    if (part == "gate_proj") return {&E.gate, p.moe(), c.dim, mat};
-    if (part == "down_proj") return {&E.down, c.dim, p.moe(), mat};
-    if (part == "up_proj") return {&E.up, p.moe(), c.dim, mat};
-    unknown(name);
+    throw std::invalid_argument("unknown tensor kind " + std::to_string((int)kind));
 }
 
 }  // namespace dllama

@@ -2,7 +2,6 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "ops.h"
@@ -51,6 +50,11 @@ struct SlicePlan {
     int vocab() const { return vocab_end - vocab_begin; }
 };
 
+// Throws std::invalid_argument unless every range lies within the model's dimension, the ranges
+// this model computes over (query heads, vocab, and the dense FFN's or the experts' hidden rows)
+// are non-empty, and the kv heads are exactly those the query heads read.
+void check_plan(const ModelConfig& c, const SlicePlan& p);
+
 // A matrix [rows, cols] (or a vector: rows 1). F32 tensors stay in memory the node does not own
 // (a memory-mapped model file, or a buffer of received slices); row_stride is in bytes, wider
 // than the row when the tensor is a column slice of a bigger matrix read in place. Q40 matrices
@@ -96,16 +100,30 @@ struct Weights {
     Tensor lm_head;     // [vocab slice, dim]
 };
 
-// A tensor's place in Weights and the shape this node expects for it, found by its .m name
-// (e.g. "layers.3.experts.7.down_proj"). Throws std::invalid_argument for an unknown name.
+// Every weight the forward pass reads, by kind: engine/dllama/tensors.py's table names each one
+// (its .m name, shape, storage and how the cluster cuts it) by these names, and the engine binds a
+// weight by its kind, layer and expert. X(enumerator, name as _core.TensorKind)
+#define DLLAMA_TENSOR_KINDS(X)                                                                       \
+    X(Embedding, "EMBEDDING") X(Wq, "WQ") X(Wk, "WK") X(Wv, "WV") X(Wo, "WO") X(Gate, "GATE")         \
+    X(Down, "DOWN") X(Up, "UP") X(Router, "ROUTER") X(ExpertGate, "EXPERT_GATE")                    \
+    X(ExpertDown, "EXPERT_DOWN") X(ExpertUp, "EXPERT_UP") X(QNorm, "Q_NORM") X(KNorm, "K_NORM")     \
+    X(AttnNorm, "ATTN_NORM") X(FfnNorm, "FFN_NORM") X(FinalNorm, "FINAL_NORM") X(LmHead, "LM_HEAD")
+
+#define DLLAMA_ENUMERATOR(e, name) e,
+enum class TensorKind : int32_t { DLLAMA_TENSOR_KINDS(DLLAMA_ENUMERATOR) Count };
+#undef DLLAMA_ENUMERATOR
+const char* tensor_kind_name(TensorKind kind);
+
+// Where the forward pass keeps a weight and the [rows, cols] and type it multiplies it at: the
+// widths of this node's buffers. tensor is null when this model's forward pass does not read the
+// kind (q_norm in Llama, the experts in a dense model). Throws std::invalid_argument for a kind,
+// layer or expert out of range.
 struct TensorSlot {
     Tensor* tensor;
     int rows, cols;
     FloatType type;
 };
-TensorSlot find_tensor_slot(Weights& weights, const ModelConfig& config, const SlicePlan& plan,
-                            const std::string& name);
-// Every slot, for checking that all were bound.
-std::vector<std::string> tensor_names(const ModelConfig& config);
+TensorSlot find_tensor_slot(Weights& weights, const ModelConfig& config, const SlicePlan& plan, TensorKind kind,
+                            int layer, int expert);
 
 }  // namespace dllama

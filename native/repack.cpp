@@ -33,10 +33,4 @@ void pack_q40_groups(const uint8_t* w, size_t row_stride, int rows, int cols, in
     }
 }
 
-AlignedBytes pack_q40(const uint8_t* w, size_t row_stride, int rows, int cols) {
-    AlignedBytes out = alloc_packed_q40(rows, cols);
-    pack_q40_groups(w, row_stride, rows, cols, 0, q40_groups(rows), out.get());
-    return out;
-}
-
 }  // namespace dllama

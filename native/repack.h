@@ -41,7 +41,4 @@ AlignedBytes alloc_packed_q40(int rows, int cols);
 // packed matrix (disjoint group ranges can be packed by different threads).
 void pack_q40_groups(const uint8_t* w, size_t row_stride, int rows, int cols, int g0, int g1, uint8_t* out);
 
-// The whole matrix, packed into new memory.
-AlignedBytes pack_q40(const uint8_t* w, size_t row_stride, int rows, int cols);
-
 }  // namespace dllama

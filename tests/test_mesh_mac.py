@@ -18,7 +18,7 @@ import pytest
 from dllama import _core
 from dllama.cluster.plan import plan_slices
 from dllama.cluster.slices import node_tensors
-from dllama.engine import native_config
+from dllama.native import bind_tensor, native_config, native_plan
 from dllama.model_file import ModelFile
 from dllama.testing.checkpoint import make_model_file
 
@@ -135,10 +135,10 @@ def model(tmp_path_factory):
 
 def node_core(model: ModelFile, node: int, nodes: int = 2) -> _core.Transformer:
     slices = plan_slices(model.config, [1.0] * nodes)
-    core = _core.Transformer(native_config(model.config), slices[node].native(), nthreads=1, max_seq_len=32,
+    core = _core.Transformer(native_config(model.config), native_plan(slices[node]), nthreads=1, max_seq_len=32,
                              max_batch=8)
     for t in node_tensors(model, slices[node]):
-        core.bind(t.name, model.buffer, t.offset, t.rows, t.cols, t.row_stride, int(t.type))
+        bind_tensor(core, t, model.buffer, t.offset, t.row_stride)
     core.check_bound()
     return core
 
@@ -161,7 +161,7 @@ class Cluster:
         """Runs the root's step while the worker plays `script(worker)`; returns both results."""
         played = self.pool.submit(script, self.worker)
         try:
-            result = self.core.step(tokens, pos, output, temperature)
+            result = self.core.step(tokens, pos, _core.StepOutput(output), temperature)
         finally:
             worker_result = played.result(timeout=20)
         return result, worker_result
@@ -315,7 +315,7 @@ def test_masked_candidates_are_a_good_reply(cluster):
 @pytest.mark.parametrize("temperature", [math.nan, math.inf, -0.5])
 def test_the_root_refuses_a_temperature_out_of_range_before_sending_anything(cluster, temperature):
     with pytest.raises(ValueError, match="temperature"):
-        cluster.core.step([7], 0, CANDIDATES, temperature)
+        cluster.core.step([7], 0, _core.StepOutput.TOPK, temperature)
     assert cluster.mesh.stats()["sent"] == 0
 
 
@@ -398,11 +398,12 @@ def test_three_native_nodes_with_keys_compute_what_one_node_does(model):
     cores[0].attach_root(meshes[0], False, [s.vocab[1] - s.vocab[0] for s in slices])
     alone = _core.Transformer(native_config(model.config), None, nthreads=1, max_seq_len=32, max_batch=8)
     for t in node_tensors(model, plan_slices(model.config, [1.0])[0]):
-        alone.bind(t.name, model.buffer, t.offset, t.rows, t.cols, t.row_stride, int(t.type))
+        bind_tensor(alone, t, model.buffer, t.offset, t.row_stride)
     alone.check_bound()
     with ThreadPoolExecutor(nodes - 1) as pool:
         served = [pool.submit(cores[i].serve, meshes[i], False) for i in range(1, nodes)]
-        got = [cores[0].step(PROMPT, 0, LOGITS), cores[0].step([11], len(PROMPT), LOGITS)]
+        logits = _core.StepOutput.LOGITS
+        got = [cores[0].step(PROMPT, 0, logits), cores[0].step([11], len(PROMPT), logits)]
         cores[0].detach()
         reasons = [f.result(timeout=20) for f in served]
     expected = [alone.forward(PROMPT, 0), alone.forward([11], len(PROMPT))]

@@ -18,6 +18,7 @@ from dllama.model_file import (
     parse_header,
     tensor_layout,
 )
+from q40_numpy import dequantize_q40_numpy
 
 
 def tiny_config(arch: Arch, weight_type: FloatType = FloatType.F32, **kw) -> ModelConfig:
@@ -41,15 +42,6 @@ def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray]):
         for spec in w.layout:
             w.write(spec.name, tensors[spec.name])
     return path
-
-
-def dequantize_q40(blocks: np.ndarray, n: int) -> np.ndarray:
-    """numpy reference: [rows, n/32*18] uint8 -> [rows, n] float32 (FORMATS.md)."""
-    b = blocks.reshape(blocks.shape[0], n // 32, 18)
-    d = b[..., :2].copy().view("<f2").astype(np.float32)  # [rows, nb, 1]
-    qs = b[..., 2:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32) - 8  # [rows, nb, 32]
-    return (q * d).reshape(blocks.shape[0], n)
 
 
 def assert_q40_close(deq: np.ndarray, want: np.ndarray, what: str) -> None:
@@ -158,7 +150,7 @@ def test_round_trip_q40(tmp_path, arch):
                 np.testing.assert_array_equal(got, want)
                 continue
             assert got.dtype == np.uint8 and got.shape == (spec.shape[0], spec.shape[1] // 32 * 18)
-            deq = dequantize_q40(got, spec.shape[1])
+            deq = dequantize_q40_numpy(got)
             assert_q40_close(deq, want, spec.name)
 
 

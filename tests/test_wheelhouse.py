@@ -84,7 +84,7 @@ def our_wheel(wheelhouse: Path, kind: str) -> zipfile.ZipFile:
 
 def extension(wheelhouse: Path, kind: str, dest: Path) -> Path:
     with our_wheel(wheelhouse, kind) as whl:
-        (name,) = [n for n in whl.namelist() if n.startswith("dllama/_core")]
+        (name,) = [n for n in whl.namelist() if n.startswith("dllama/_core") and n.endswith(".so")]
         path = dest / Path(name).name
         path.write_bytes(whl.read(name))
     return path
@@ -121,9 +121,10 @@ def test_our_wheel_is_tagged_for_its_kind_and_its_record_holds(wheelhouse, kind,
         wheel = whl.read("dllama_cluster-0.1.0.dist-info/WHEEL").decode().splitlines()
         assert f"Tag: cp{xy}-cp{xy}-{platform}" in wheel
         assert "Root-Is-Purelib: false" in wheel
-        assert [n for n in whl.namelist() if n.startswith("dllama/_core")] == \
+        assert [n for n in whl.namelist() if n.startswith("dllama/_core") and n.endswith(".so")] == \
             [f"dllama/_core.cpython-{xy}-{arch}-linux-gnu.so"]
         assert "dllama/engine.py" in whl.namelist()
+        assert {"dllama/_core.pyi", "dllama/py.typed"} <= set(whl.namelist())  # the core's types
         record = whl.read("dllama_cluster-0.1.0.dist-info/RECORD").decode().splitlines()
         listed = {}
         for line in record:
@@ -159,7 +160,7 @@ def test_aarch64_extensions_hold_the_neon_kernels(wheelhouse, kind, tmp_path):
     so = extension(wheelhouse, kind, tmp_path)
     assert ".symtab" in readelf("-S", str(so))  # the symbol table is kept, not stripped
     symbols = readelf("-s", str(so))
-    for kernel in ("matmul_q40x8_q80_neon", "matmul_q40_q80_neon", "vec_dot_q40_q80_neon"):
+    for kernel in ("matmul_q40x8_q80_neon", "matmul_f32_neon", "quantize_row_q80_neon"):
         assert re.search(rf"\sFUNC\s.*{kernel}", symbols), kernel
 
 

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _core
-from .config import ModelConfig, RopeType
-from .model_file import ModelFile
 from .cluster.errors import WorkerLost
+from .config import ModelConfig
+from .model_file import ModelFile
+from .native import bind_tensor, native_config, native_plan
 from .sampler import Candidates, Sampler, candidates, merge_candidates
 
 # how long a root waits for a worker inside a step before naming it lost
@@ -19,32 +20,7 @@ BUFFER_FLOAT_TYPES = ("q80", "f32")
 # Prompt tokens that go through the layers together; each weight is read once per batch.
 DEFAULT_MAX_BATCH = 128
 DEFAULT_MAX_SEQ_LEN = 4096
-
-
-def native_config(config: ModelConfig) -> dict:
-    """The model's shape as the native core takes it."""
-    scaled = config.rope_type == RopeType.LLAMA3_1 and config.rope_scaling_factor > 0
-    return {
-        "arch": int(config.arch),
-        "dim": config.dim,
-        "hidden_dim": config.hidden_dim,
-        "n_layers": config.n_layers,
-        "n_heads": config.n_heads,
-        "n_kv_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
-        "n_experts": config.n_experts,
-        "n_active_experts": config.n_active_experts,
-        "moe_hidden_dim": config.moe_hidden_dim,
-        "vocab_size": config.vocab_size,
-        "rope_theta": float(config.rope_theta),
-        "rope_style": "rotate_half" if config.effective_rope_type == RopeType.FALCON else "interleaved",
-        "rope_scaling_factor": float(config.rope_scaling_factor) if scaled else 0.0,
-        "rope_scaling_low_freq_factor": float(config.rope_scaling_low_freq_factor),
-        "rope_scaling_high_freq_factor": float(config.rope_scaling_high_freq_factor),
-        "rope_scaling_orig_max_seq_len": config.rope_scaling_orig_max_seq_len,
-        "norm_eps": config.eps,
-        "weight_type": int(config.weight_type),
-    }
+NONE, LOGITS, TOPK = _core.StepOutput.NONE, _core.StepOutput.LOGITS, _core.StepOutput.TOPK
 
 
 class Engine:
@@ -89,7 +65,7 @@ class Engine:
             slices = plan_slices(self.config, [1.0] + [a.weight for a in addresses])
             if addresses:
                 self._connect(slices, addresses, cluster_key_file, max_batch, progress, data_mac)
-            self._core = _core.Transformer(native_config(self.config), slices[0].native(), nthreads=nthreads,
+            self._core = _core.Transformer(native_config(self.config), native_plan(slices[0]), nthreads=nthreads,
                                            max_seq_len=self.max_seq_len, max_batch=max_batch)
             self._bind_weights(slices[0])
             if self._mesh is not None:
@@ -121,7 +97,7 @@ class Engine:
         from .cluster.slices import node_tensors
 
         for t in node_tensors(self._file, node):
-            self._core.bind(t.name, self._file.buffer, t.offset, t.rows, t.cols, t.row_stride, int(t.type))
+            bind_tensor(self._core, t, self._file.buffer, t.offset, t.row_stride)
         self._core.check_bound()
 
     @property
@@ -139,29 +115,29 @@ class Engine:
 
     def forward(self, tokens: Sequence[int]) -> np.ndarray:
         """Feeds tokens at the current position and returns the last one's float32 logits [vocab]."""
-        return self._step(tokens, 1)
+        return self._step(tokens, LOGITS)
 
     def feed(self, tokens: Sequence[int]) -> None:
         """Like forward, without computing logits (a prompt whose next token is already known)."""
-        self._step(tokens, 0)
+        self._step(tokens, NONE)
 
     def forward_candidates(self, tokens: Sequence[int], temperature: float) -> Candidates:
         """Like forward, returning only the 64 best candidates and the softmax normaliser at this
         temperature: all a sampler needs, and in a cluster far less traffic than every logit."""
         if not self.is_cluster:
-            return candidates(self._step(tokens, 1), temperature)
-        return merge_candidates(self._step(tokens, 2, temperature))
+            return candidates(self._step(tokens, LOGITS), temperature)
+        return merge_candidates(self._step(tokens, TOPK, temperature))
 
     def next_token(self, tokens: Sequence[int], sampler: Sampler) -> int:
         """Feeds tokens and samples the next one, moving as little data as the node count allows."""
         if not self.is_cluster:
-            return sampler.sample(self._step(tokens, 1))
+            return sampler.sample(self._step(tokens, LOGITS))
         return sampler.sample_candidates(*self.forward_candidates(tokens, sampler.temperature))
 
-    def _step(self, tokens: Sequence[int], output: int, temperature: float = 1.0):
+    def _step(self, tokens: Sequence[int], output: _core.StepOutput, temperature: float = 1.0):
         ids = self._check_tokens(tokens)
         if self._mesh is None:
-            result = self._core.forward(ids, self._position, output != 0)
+            result = self._core.forward(ids, self._position, output != NONE)
         else:
             before = self._mesh.stats()
             try:

@@ -5,8 +5,9 @@ Layout (shared/FORMATS.md is the authority; everything little-endian):
     | int32 magic 0x0A00ABCD | int32 headerSize | (int32 key, int32 value) * n | tensors ... |
       headerSize = 8 + 8 * n, so tensors start at byte headerSize; no padding between tensors.
 
-Tensors come in the fixed order `tensor_layout()` returns. Matrices are stored in the header's
-WEIGHT_FLOAT_TYPE (F32 or Q40 here), vectors, the embedding and the MoE router always in F32.
+Tensors come in the fixed order `tensor_layout()` returns (dllama.tensors, the one table of them).
+Matrices are stored in the header's WEIGHT_FLOAT_TYPE (F32 or Q40 here), vectors, the embedding
+and the MoE router always in F32.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import BLOCK_SIZE, Arch, FloatType, HiddenAct, ModelConfig, RopeType, row_bytes
+from .tensors import TensorSpec, layout_nbytes, tensor_count, tensor_layout
 
 # numpy is imported where arrays are made: headers, layouts and sizes need none (dllama.cluster.footprint
 # reads them on an Ansible controller that has no numpy).
@@ -75,102 +77,10 @@ class ModelFileError(ValueError):
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of the layout: its name, shape [out, in] (or [n] for vectors) and storage type."""
+class TensorInfo(TensorSpec):
+    """A tensor placed in a file: its spec plus its byte offset from the start of the file."""
 
-    name: str
-    shape: tuple[int, ...]
-    type: FloatType
-
-    @property
-    def nbytes(self) -> int:
-        rows = math.prod(self.shape[:-1])
-        return rows * row_bytes(self.type, self.shape[-1])
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor placed in a file: spec plus byte offset from the start of the file."""
-
-    name: str
-    shape: tuple[int, ...]
-    type: FloatType
     offset: int
-    nbytes: int
-
-
-def _layer_specs(config: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec], list[TensorSpec]]:
-    """One layer's tensors, named within the layer: those before its experts, one expert's (named
-    within the expert; none in a dense model), those after. The one place for the layout's shapes:
-    `tensor_layout` lists them, `layout_nbytes` and `tensor_count` multiply them out."""
-    wt, f32 = config.weight_type, FloatType.F32
-    dim, hd = config.dim, config.head_dim
-    before = [
-        TensorSpec("q_proj", (config.n_heads * hd, dim), wt),
-        TensorSpec("k_proj", (config.n_kv_heads * hd, dim), wt),
-        TensorSpec("v_proj", (config.n_kv_heads * hd, dim), wt),
-        TensorSpec("o_proj", (dim, config.n_heads * hd), wt),
-    ]
-    h = config.moe_hidden_dim if config.is_moe else config.hidden_dim
-    ffn = [TensorSpec("gate_proj", (h, dim), wt), TensorSpec("down_proj", (dim, h), wt),
-           TensorSpec("up_proj", (h, dim), wt)]
-    if config.is_moe:
-        before.append(TensorSpec("router", (config.n_experts, dim), f32))
-        expert = ffn
-    else:
-        before += ffn
-        expert = []
-    after = [TensorSpec("q_norm", (hd,), f32), TensorSpec("k_norm", (hd,), f32)] if config.has_qk_norm else []
-    after += [TensorSpec("input_layernorm", (dim,), f32), TensorSpec("post_attention_layernorm", (dim,), f32)]
-    return before, expert, after
-
-
-def _outer_specs(config: ModelConfig) -> tuple[TensorSpec, list[TensorSpec]]:
-    """The tensors before the first layer and after the last."""
-    dim, vocab = config.dim, config.vocab_size
-    return (TensorSpec("embed_tokens", (vocab, dim), FloatType.F32),
-            [TensorSpec("norm", (dim,), FloatType.F32), TensorSpec("lm_head", (vocab, dim), config.weight_type)])
-
-
-def _experts(config: ModelConfig) -> int:
-    return config.n_experts if config.is_moe else 0
-
-
-def _renamed(spec: TensorSpec, prefix: str) -> TensorSpec:
-    return TensorSpec(prefix + spec.name, spec.shape, spec.type)
-
-
-def tensor_layout(config: ModelConfig) -> list[TensorSpec]:
-    """Every tensor of a .m file for this config, in file order."""
-    first, last = _outer_specs(config)
-    before, expert, after = _layer_specs(config)
-    out = [first]
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        out += [_renamed(t, p) for t in before]
-        for e in range(_experts(config)):
-            out += [_renamed(t, f"{p}experts.{e}.") for t in expert]
-        out += [_renamed(t, p) for t in after]
-    return out + last
-
-
-def tensor_count(config: ModelConfig) -> int:
-    """len(tensor_layout(config)), without listing them."""
-    before, expert, after = _layer_specs(config)
-    return 3 + config.n_layers * (len(before) + _experts(config) * len(expert) + len(after))
-
-
-def layout_nbytes(config: ModelConfig) -> int:
-    """The bytes of every tensor of a .m file for this config, computed per kind of tensor (a
-    header claiming millions of experts costs no list of them). The config must pass check()."""
-    first, last = _outer_specs(config)
-    before, expert, after = _layer_specs(config)
-
-    def total(specs: list[TensorSpec]) -> int:
-        return sum(t.nbytes for t in specs)
-
-    per_layer = total(before) + _experts(config) * total(expert) + total(after)
-    return first.nbytes + config.n_layers * per_layer + total(last)
 
 
 def header_size(n_pairs: int = len(HEADER_KEYS)) -> int:
@@ -262,9 +172,8 @@ def _layout_infos(config: ModelConfig, start: int) -> OrderedDict[str, TensorInf
     infos: OrderedDict[str, TensorInfo] = OrderedDict()
     offset = start
     for t in tensor_layout(config):
-        n = t.nbytes
-        infos[t.name] = TensorInfo(t.name, t.shape, t.type, offset, n)
-        offset += n
+        infos[t.name] = TensorInfo(t.name, t.shape, t.type, t.kind, t.layer, t.expert, offset)
+        offset += t.nbytes
     return infos
 
 

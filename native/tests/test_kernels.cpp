@@ -1,8 +1,9 @@
 // Kernel tests: quant.cpp's fp16 conversion against an independent nearest-value search, the
 // generic kernels against straightforward double-precision formulas, and every fast set the
 // running CPU supports against the generic reference (quantizers and dequantizers bit for bit,
-// dot products and matmuls within kRelTol of the sum of |terms|). One line per check, then
-// "N passed, M failed"; the exit status is nonzero on any failure.
+// dot products and matmuls within kRelTol of the sum of |terms|). The packed Q40 matmuls are
+// checked against a row-major reference kept here (itself checked against the formula). One
+// line per check, then "N passed, M failed"; the exit status is nonzero on any failure.
 //
 //   test_kernels             run every check (and print informational timings)
 //   test_kernels --selected  only print which set kernels() picks (for DLLAMA_KERNELS tests)
@@ -471,21 +472,6 @@ void test_dequantize(const Kernels& k, const Kernels* ref) {
 // k against ref (another set) or, when ref is null, against the double formulas
 void test_vec(const Kernels& k, const Kernels* ref) {
     const char* against = ref ? ref->name : "double formula";
-    for (int n : {32, 64, 768, 2048, 4096}) {
-        const int nb = n / 32;
-        double worst = 0;
-        bool ok = true;
-        for (int rep = 0; rep < 20; rep++) {
-            std::vector<BlockQ40> w(nb);
-            std::vector<BlockQ80> x(nb);
-            fill_q40(w.data(), nb);
-            fill_q80(x.data(), nb);
-            const DotRef r = dot_q40_q80_ref(w.data(), x.data(), n);
-            const double want = ref ? ref->vec_dot_q40_q80(n, w.data(), x.data()) : r.value;
-            ok = close(k.vec_dot_q40_q80(n, w.data(), x.data()), want, r.sum_abs, &worst) && ok;
-        }
-        check(ok, fmt("%s vec_dot_q40_q80 ~ %s, n=%d", k.name, against, n), fmt("worst rel err %.2e", worst));
-    }
     for (int n : {1, 3, 7, 8, 15, 16, 31, 32, 33, 100, 768, 2048, 4096}) {
         double worst = 0;
         bool ok = true;
@@ -509,6 +495,41 @@ void test_vec(const Kernels& k, const Kernels* ref) {
         check(ok, fmt("%s vec_dot_f32 and vec_mad_f32 ~ %s, n=%d", k.name, against, n),
               fmt("worst rel err %.2e", worst));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the row-major Q40 x Q80 reference of the packed kernels: rows of Q40 blocks read in place,
+// summed block after block as kernels_generic.cpp's packed kernel does (so that one agrees bit
+// for bit); this file is compiled with -ffp-contract=off like the kernels
+
+float vec_dot_q40_q80_reference(int n, const BlockQ40* w, const BlockQ80* x) {
+    float sum = 0.0f;
+    for (int i = 0; i < n / kBlockSize; i++) {
+        int sumi = 0;
+        for (int j = 0; j < kBlockSize / 2; j++) {
+            sumi += ((w[i].qs[j] & 0x0F) - 8) * x[i].qs[j];
+            sumi += ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + kBlockSize / 2];
+        }
+        sum += float(sumi) * (fp16_to_fp32(w[i].d) * fp16_to_fp32(x[i].d));
+    }
+    return sum;
+}
+
+// rows [r0, r1) of y = W x, W row r at w + r * w_stride bytes (a column slice when wider)
+void matmul_q40_q80_reference(float* y, size_t y_stride, const uint8_t* w, size_t w_stride, const BlockQ80* x,
+                              size_t x_stride_blocks, int n, int r0, int r1, int batch) {
+    for (int r = r0; r < r1; r++) {
+        const BlockQ40* wr = reinterpret_cast<const BlockQ40*>(w + size_t(r) * w_stride);
+        for (int b = 0; b < batch; b++)
+            y[size_t(b) * y_stride + r] = vec_dot_q40_q80_reference(n, wr, x + size_t(b) * x_stride_blocks);
+    }
+}
+
+// the whole matrix packed (repack.h), as Transformer::bind packs it across its threads
+AlignedBytes pack_q40(const uint8_t* w, size_t row_stride, int rows, int cols) {
+    AlignedBytes out = alloc_packed_q40(rows, cols);
+    pack_q40_groups(w, row_stride, rows, cols, 0, q40_groups(rows), out.get());
+    return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -543,8 +564,8 @@ bool check_untouched(const std::vector<float>& y, const MatmulCase& c, size_t y_
     return true;
 }
 
-// one case: k against ref (a set) or the double formula; returns ok and updates worst
-bool run_matmul_q40(const Kernels& k, const Kernels* ref, const MatmulCase& c, double* worst, bool* untouched) {
+// one case: the row-major reference against the double formula; returns ok and updates worst
+bool run_reference_q40(const MatmulCase& c, double* worst, bool* untouched) {
     const int nb = c.n / 32;
     const size_t w_stride = size_t(nb + c.w_extra) * sizeof(BlockQ40);
     const size_t x_stride = size_t(nb + c.x_extra);
@@ -554,16 +575,14 @@ bool run_matmul_q40(const Kernels& k, const Kernels* ref, const MatmulCase& c, d
     fill_q40(wall.data(), wall.size());
     fill_q80(x.data(), x.size());
     const uint8_t* w = reinterpret_cast<const uint8_t*>(wall.data()) + c.w_col * sizeof(BlockQ40);
-    std::vector<float> y(c.batch * y_stride, kSentinel), y2 = y;
-    k.matmul_q40_q80(y.data(), y_stride, w, w_stride, x.data(), x_stride, c.n, c.r0, c.r1, c.batch);
-    if (ref) ref->matmul_q40_q80(y2.data(), y_stride, w, w_stride, x.data(), x_stride, c.n, c.r0, c.r1, c.batch);
+    std::vector<float> y(c.batch * y_stride, kSentinel);
+    matmul_q40_q80_reference(y.data(), y_stride, w, w_stride, x.data(), x_stride, c.n, c.r0, c.r1, c.batch);
     bool ok = true;
     for (int r = c.r0; r < c.r1; r++) {
         const BlockQ40* wr = reinterpret_cast<const BlockQ40*>(w + r * w_stride);
         for (int b = 0; b < c.batch; b++) {
             const DotRef d = dot_q40_q80_ref(wr, x.data() + b * x_stride, c.n);
-            const double want = ref ? y2[b * y_stride + r] : d.value;
-            ok = close(y[b * y_stride + r], want, d.sum_abs, worst) && ok;
+            ok = close(y[b * y_stride + r], d.value, d.sum_abs, worst) && ok;
         }
     }
     *untouched = check_untouched(y, c, y_stride);
@@ -600,15 +619,29 @@ std::string describe(const MatmulCase& c, int n) {
                c.rows, n, c.batch, c.w_extra, c.w_col, c.x_extra, c.y_extra);
 }
 
-void test_matmul(const Kernels& k, const Kernels* ref) {
-    const char* against = ref ? ref->name : "double formula";
+void test_reference_q40() {
     for (const MatmulCase& c : kMatmulCases) {
         double worst = 0;
         bool untouched = false;
-        const bool ok = run_matmul_q40(k, ref, c, &worst, &untouched);
-        check(ok, fmt("%s matmul_q40_q80 ~ %s: %s", k.name, against, describe(c, c.n).c_str()),
+        const bool ok = run_reference_q40(c, &worst, &untouched);
+        check(ok, fmt("reference matmul_q40_q80 ~ double formula: %s", describe(c, c.n).c_str()),
               fmt("worst rel err %.2e%s", worst, untouched ? "" : ", wrote outside its rows"));
     }
+    double worst = 0;
+    bool ok = true, all_untouched = true;
+    for (int rows = 1; rows <= 9; rows++) {
+        for (int batch = 1; batch <= 9; batch++) {
+            bool untouched = false;
+            ok = run_reference_q40(MatmulCase{rows + 2, 64, batch, 1, rows + 1, 1, 1, 1, 1}, &worst, &untouched) && ok;
+            all_untouched = all_untouched && untouched;
+        }
+    }
+    check(ok, "reference matmul_q40_q80 ~ double formula: rows 1..9 x batch 1..9",
+          fmt("worst rel err %.2e%s", worst, all_untouched ? "" : ", wrote outside its rows"));
+}
+
+void test_matmul(const Kernels& k, const Kernels* ref) {
+    const char* against = ref ? ref->name : "double formula";
     for (const MatmulCase& c : kMatmulCases) {
         for (int n : {c.n, c.n == 32 ? 1 : c.n - 25}) {  // the f32 kernels take any n
             double worst = 0;
@@ -625,19 +658,17 @@ void test_matmul(const Kernels& k, const Kernels* ref) {
         for (int batch = 1; batch <= 9; batch++) {
             const MatmulCase c{rows + 2, 64, batch, 1, rows + 1, 1, 1, 1, 1};
             bool untouched = false;
-            ok = run_matmul_q40(k, ref, c, &worst, &untouched) && ok;
-            all_untouched = all_untouched && untouched;
             ok = run_matmul_f32(k, ref, c, 37, &worst, &untouched) && ok;
             all_untouched = all_untouched && untouched;
         }
     }
-    check(ok, fmt("%s matmul_q40_q80 and matmul_f32 ~ %s: rows 1..9 x batch 1..9", k.name, against),
+    check(ok, fmt("%s matmul_f32 ~ %s: rows 1..9 x batch 1..9", k.name, against),
           fmt("worst rel err %.2e%s", worst, all_untouched ? "" : ", wrote outside its rows"));
 }
 
 // ---------------------------------------------------------------------------------------------
-// packed Q40 (repack.h): the layout, then every set's matmul_q40x8_q80 against generic's
-// row-major matmul_q40_q80 (generic's packed kernel bit for bit, the fast ones within kRelTol)
+// packed Q40 (repack.h): the layout, then every set's matmul_q40x8_q80 against the row-major
+// reference (generic's packed kernel bit for bit, the fast ones within kRelTol)
 
 void test_pack_layout() {
     const int rows = 11, nb = 3, extra = 2, col = 1;  // a column slice: 3 of 5 blocks, from block 1
@@ -686,7 +717,7 @@ bool run_matmul_packed(const Kernels& k, const PackedCase& c, bool exact, double
     fill_q80(x.data(), x.size());
     std::vector<float> y(c.batch * y_stride, kSentinel), want = y;
     k.matmul_q40x8_q80(y.data(), y_stride, packed.get(), x.data(), x_stride, c.n, c.r0, c.r1, c.batch);
-    kernels_generic().matmul_q40_q80(want.data(), y_stride, w, w_stride, x.data(), x_stride, c.n, c.r0, c.r1, c.batch);
+    matmul_q40_q80_reference(want.data(), y_stride, w, w_stride, x.data(), x_stride, c.n, c.r0, c.r1, c.batch);
     bool ok = true;
     for (int r = c.r0; r < c.r1; r++) {
         const BlockQ40* wr = reinterpret_cast<const BlockQ40*>(w + r * w_stride);
@@ -713,7 +744,7 @@ void test_matmul_packed(const Kernels& k) {
         double worst = 0;
         bool untouched = false;
         const bool ok = run_matmul_packed(k, c, exact, &worst, &untouched);
-        check(ok, fmt("%s matmul_q40x8_q80 ~ generic matmul_q40_q80 %s: rows [%d,%d) of %d, n=%d, batch %d, w +%d at %d",
+        check(ok, fmt("%s matmul_q40x8_q80 ~ reference matmul_q40_q80 %s: rows [%d,%d) of %d, n=%d, batch %d, w +%d at %d",
                       k.name, how, c.r0, c.r1, c.rows, c.n, c.batch, c.w_extra, c.w_col),
               fmt("worst rel err %.2e%s", worst, untouched ? "" : ", wrote outside its rows"));
     }
@@ -731,7 +762,7 @@ void test_matmul_packed(const Kernels& k) {
             }
         }
     }
-    check(ok, fmt("%s matmul_q40x8_q80 ~ generic matmul_q40_q80 %s: rows 1..17 x batch 1..7, n 32 and 64", k.name, how),
+    check(ok, fmt("%s matmul_q40x8_q80 ~ reference matmul_q40_q80 %s: rows 1..17 x batch 1..7, n 32 and 64", k.name, how),
           fmt("worst rel err %.2e%s", worst, all_untouched ? "" : ", wrote outside its rows"));
 }
 
@@ -762,8 +793,6 @@ void time_set(const Kernels& k) {
     const double wbytes = double(w.size() * sizeof(BlockQ40));
     const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data());
     const size_t ws = nb * sizeof(BlockQ40);
-    const double t1 = best_seconds([&] { k.matmul_q40_q80(y.data(), rows, wp, ws, x.data(), nb, n, 0, rows, 1); });
-    const double t16 = best_seconds([&] { k.matmul_q40_q80(y.data(), rows, wp, ws, x.data(), nb, n, 0, rows, 16); });
     const AlignedBytes packed = pack_q40(wp, ws, rows, n);
     const double p1 = best_seconds([&] { k.matmul_q40x8_q80(y.data(), rows, packed.get(), x.data(), nb, n, 0, rows, 1); });
     const double p16 = best_seconds([&] { k.matmul_q40x8_q80(y.data(), rows, packed.get(), x.data(), nb, n, 0, rows, 16); });
@@ -773,10 +802,6 @@ void time_set(const Kernels& k) {
     const double tf = best_seconds([&] {
         k.matmul_f32(y.data(), rows, reinterpret_cast<const uint8_t*>(wf.data()), n * 4, xf.data(), n, n, 0, rows, 1);
     });
-    std::printf("TIME %s matmul_q40_q80 2048x2048 batch 1: %.3f ms, %.2f GB/s of weights\n", k.name, t1 * 1e3,
-                wbytes / t1 / 1e9);
-    std::printf("TIME %s matmul_q40_q80 2048x2048 batch 16: %.3f ms, %.2f GB/s of weights, %.2f GMAC/s\n", k.name,
-                t16 * 1e3, wbytes / t16 / 1e9, 16.0 * rows * n / t16 / 1e9);
     std::printf("TIME %s matmul_q40x8_q80 (packed) 2048x2048 batch 1: %.3f ms, %.2f GB/s of weights\n", k.name,
                 p1 * 1e3, wbytes / p1 / 1e9);
     std::printf("TIME %s matmul_q40x8_q80 (packed) 2048x2048 batch 16: %.3f ms, %.2f GB/s of weights, %.2f GMAC/s\n",
@@ -809,6 +834,7 @@ int main(int argc, char** argv) {
     test_dequantize(generic, nullptr);
     test_vec(generic, nullptr);
     test_matmul(generic, nullptr);
+    test_reference_q40();
     test_pack_layout();
     test_matmul_packed(generic);
 

@@ -3,8 +3,9 @@ model file's size, read from the header alone.
 
 Nothing here imports numpy or the native core: ansible/filter_plugins/preflight.py imports it on
 an operator's controller that has only Ansible, to check the boards' memory before provisioning.
-The rules are the engine's own (the header and layout of model_file.py, the split of plan.py, the
-tensors each node binds from slices.py), so the estimate follows any change to them.
+The rules are the engine's own (the header of model_file.py, the tensor table of tensors.py, the
+split of plan.py, the tensors each node binds from slices.py), so the estimate follows any change
+to them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 from ..config import BLOCK_BYTES, BLOCK_SIZE, FloatType, ModelConfig
 from ..model_file import MAX_HEADER_PAIRS, ModelFileError, _layout_infos, header_size, layout_nbytes, parse_header
 from .plan import NodeSlice, plan_slices
-from .slices import node_tensors
+from .slices import TensorSlice, node_tensors
 
 if TYPE_CHECKING:
     from .session import Session
@@ -112,10 +113,16 @@ def _table(config: ModelConfig, start: int) -> SimpleNamespace:
     return SimpleNamespace(config=config, tensors=_layout_infos(config, start))
 
 
+def node_slices(config: ModelConfig, node: NodeSlice) -> list[TensorSlice]:
+    """Every tensor slice a node binds, in file order, without a file (placed as if the tensors
+    began at byte 0)."""
+    return list(node_tensors(_table(config, 0), node))
+
+
 def node_manifest(config: ModelConfig, node: NodeSlice) -> list[tuple[str, int, int, int]]:
     """(name, float type, rows, cols) of every tensor slice a node binds, in file order: what a
     root announces in its CONFIG frame, and so what a worker accepts."""
-    return [(t.name, int(t.type), t.rows, t.cols) for t in node_tensors(_table(config, 0), node)]
+    return [(t.name, int(t.type), t.rows, t.cols) for t in node_slices(config, node)]
 
 
 def kv_cache_bytes(config: ModelConfig, node: NodeSlice, positions: int) -> int:

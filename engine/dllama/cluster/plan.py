@@ -18,15 +18,6 @@ class NodeSlice:
     moe: tuple[int, int]
     vocab: tuple[int, int]
 
-    def native(self) -> dict:
-        """The plan as the native core takes it (empty dense/MoE ranges are left out)."""
-        d = {"q_heads": self.q_heads, "kv_heads": self.kv_heads, "vocab": self.vocab}
-        if self.ffn[1] > self.ffn[0]:
-            d["ffn"] = self.ffn
-        if self.moe[1] > self.moe[0]:
-            d["moe"] = self.moe
-        return d
-
 
 def split(total: int, weights: Sequence[float], unit: int = 1) -> list[tuple[int, int]]:
     """Cuts [0, total) into len(weights) consecutive ranges proportional to the weights, every
@@ -67,15 +58,18 @@ def plan_slices(config: ModelConfig, weights: Sequence[float]) -> list[NodeSlice
         head_unit += 1
     if config.n_heads % head_unit or config.n_heads // head_unit < n:
         raise ValueError(f"cannot split {config.n_heads} heads of {config.head_dim} into {n} block-aligned parts")
-    group = config.n_heads // config.n_kv_heads
     heads = split(config.n_heads, weights, head_unit)
     ffn = split(config.hidden_dim, weights, unit) if not config.is_moe else [(0, 0)] * n
     moe = split(config.moe_hidden_dim, weights, unit) if config.is_moe else [(0, 0)] * n
     vocab = split(config.vocab_size, weights)
     out = []
     for i in range(n):
-        q0, q1 = heads[i]
-        # the kv heads its query heads read; nodes sharing a kv head each hold a copy of it
-        kv = (q0 // group, (q1 - 1) // group + 1)
-        out.append(NodeSlice((q0, q1), kv, ffn[i], moe[i], vocab[i]))
+        out.append(NodeSlice(heads[i], kv_heads_of(config, heads[i]), ffn[i], moe[i], vocab[i]))
     return out
+
+
+def kv_heads_of(config: ModelConfig, q_heads: tuple[int, int]) -> tuple[int, int]:
+    """The kv heads a range of query heads reads (grouped-query attention); nodes sharing a kv
+    head each hold a copy of it."""
+    group = config.n_heads // config.n_kv_heads
+    return q_heads[0] // group, (q_heads[1] - 1) // group + 1

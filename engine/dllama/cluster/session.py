@@ -7,9 +7,10 @@ import json
 from dataclasses import dataclass
 
 from ..config import BLOCK_SIZE, FloatType, ModelConfig, row_bytes
-from ..model_file import tensor_count
-from .footprint import node_manifest
-from .plan import NodeSlice
+from ..tensors import tensor_count
+from .footprint import node_manifest, node_slices
+from .plan import NodeSlice, kv_heads_of
+from .slices import TensorSlice
 
 # bytes a worker accepts to hold: far above any model that fits a board, far below what a
 # stranger could make it allocate by lying
@@ -35,6 +36,12 @@ class Session:
     @property
     def sizes(self) -> list[int]:
         return [rows * row_bytes(FloatType(t), cols) for _, t, rows, cols in self.manifest]
+
+    @property
+    def tensors(self) -> list[TensorSlice]:
+        """The slices the manifest lists, as the table gives them (kind, layer and expert):
+        from_json checked that the manifest is exactly these."""
+        return node_slices(self.config, self.slice)
 
     @property
     def cache_key(self) -> str:
@@ -108,8 +115,7 @@ def check_slice(config: ModelConfig, node: NodeSlice) -> None:
     within("q_heads", node.q_heads, config.n_heads)
     if (node.q_heads[0] * hd) % unit or (node.q_heads[1] * hd) % unit:
         raise ValueError(f"slice q_heads {list(node.q_heads)} cuts a Q40 block (head_dim {hd})")
-    group = config.n_heads // config.n_kv_heads
-    kv = (node.q_heads[0] // group, (node.q_heads[1] - 1) // group + 1)
+    kv = kv_heads_of(config, node.q_heads)
     if node.kv_heads != kv:
         raise ValueError(f"slice kv_heads {list(node.kv_heads)} are not those its query heads read ({list(kv)})")
     hidden, unused = ("moe", "ffn") if config.is_moe else ("ffn", "moe")

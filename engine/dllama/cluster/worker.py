@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _core
 from ..config import FloatType
-from ..engine import native_config
+from ..native import bind_tensor, native_config, native_plan
 from . import auth
 from .cache import SliceCache
 from .digest import weight_digest
@@ -208,14 +208,14 @@ class Worker:
     def build(self, session: Session, weights: np.ndarray) -> _core.Transformer:
         """Q40 matrices are copied (packed) by bind; F32 tensors are copied out of the buffer
         too, so the buffer (as large as the slices) is not kept for the session."""
-        model = _core.Transformer(native_config(session.config), session.slice.native(), nthreads=self.nthreads,
+        model = _core.Transformer(native_config(session.config), native_plan(session.slice), nthreads=self.nthreads,
                                   max_seq_len=session.max_seq_len, max_batch=session.max_batch)
         at = 0
-        for (name, t, rows, cols), size in zip(session.manifest, session.sizes):
-            if FloatType(t) == FloatType.Q40:
-                model.bind(name, weights, at, rows, cols, size // rows, int(t))
+        for t, size in zip(session.tensors, session.sizes):
+            if t.type == FloatType.Q40:
+                bind_tensor(model, t, weights, at, size // t.rows)
             else:
-                model.bind(name, weights[at:at + size].copy(), 0, rows, cols, size // rows, int(t))
+                bind_tensor(model, t, weights[at:at + size].copy(), 0, size // t.rows)
             at += size
         model.check_bound()
         return model
