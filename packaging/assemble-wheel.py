@@ -80,7 +80,7 @@ def assemble(pure: Path, extension: Path, python_tag: str, out_dir: Path) -> Pat
             files[info.filename] = (zf.read(info), mode)
         wheel = wheel_metadata(zf.read(f"{dist_info}/WHEEL").decode(), tag)
     package = next(p.split("/")[0] for p in files if not p.startswith(dist_info))
-    if any(Path(p).name.startswith("_core.") for p in files):
+    if any(Path(p).name.startswith("_core.") and Path(p).suffix == ".so" for p in files):  # _core.pyi belongs
         raise SystemExit(f"{pure}: already holds an extension; expected the pure-Python wheel")
     files[f"{package}/{extension.name}"] = (binary, 0o755)
     files[f"{dist_info}/WHEEL"] = (wheel.encode(), 0o644)

@@ -403,8 +403,10 @@ def test_three_native_nodes_with_keys_compute_what_one_node_does(model):
     with ThreadPoolExecutor(nodes - 1) as pool:
         served = [pool.submit(cores[i].serve, meshes[i], False) for i in range(1, nodes)]
         logits = _core.StepOutput.LOGITS
-        got = [cores[0].step(PROMPT, 0, logits), cores[0].step([11], len(PROMPT), logits)]
-        cores[0].detach()
+        try:
+            got = [cores[0].step(PROMPT, 0, logits), cores[0].step([11], len(PROMPT), logits)]
+        finally:  # the workers' loops end (on Stop, or on their step timeout), so the pool can close
+            cores[0].detach()
         reasons = [f.result(timeout=20) for f in served]
     expected = [alone.forward(PROMPT, 0), alone.forward([11], len(PROMPT))]
     for e, g in zip(expected, got):

@@ -25,7 +25,11 @@ NONE, LOGITS, TOPK = _core.StepOutput.NONE, _core.StepOutput.LOGITS, _core.StepO
 
 class Engine:
     """Runs a model one step at a time: `forward(tokens)` feeds tokens at the current position
-    (several tokens are one prefill batch) and returns the last token's logits."""
+    (several tokens are one prefill batch) and returns the last token's logits.
+
+    With workers: `progress` draws the weight transfer's bar when stderr is a terminal (never
+    otherwise); `data_mac=False` leaves the data plane's messages untagged (the benchmark's
+    baseline: the handshake and the control plane are authenticated either way)."""
 
     def __init__(
         self,
@@ -80,8 +84,6 @@ class Engine:
         self._last_stats: dict = {}
 
     def _connect(self, slices, addresses, cluster_key_file, max_batch: int, progress: bool, data_mac: bool) -> None:
-        """data_mac False leaves the data plane's messages untagged (the benchmark's baseline);
-        the handshake and the control plane are authenticated either way."""
         from .cluster import auth
         from .cluster.root import connect_workers
 
