@@ -307,7 +307,7 @@ def test_more_strangers_than_slots_are_closed_at_once_and_a_root_gets_in_later(m
             except ConnectionResetError:
                 closed += 1
         assert closed >= 40 - 16
-        time.sleep(2.5)  # the held slots' deadline
+        time.sleep(4.0)  # the held slots' 2-s deadline, with room for a loaded machine
         serves_correctly(model, worker, keyfile, expected)
     finally:
         for s in crowd:
