@@ -39,7 +39,7 @@ def root_handshake(port: int, key: bytes, host: str = "127.0.0.1", address: str 
     ch.send_json(Frame.AUTH, {"proof": auth.proof(key, "root proof", *fields)})
     reply = ch.recv_json(Frame.AUTH_OK)
     assert auth.check(key, reply.get("proof"), "worker proof", *fields)
-    ch.authenticate(auth.derive(auth.derive(key, "session", *fields), "control"))
+    ch.authenticate(auth.session_keys(key, *fields)[0])
     return ch
 
 
@@ -106,8 +106,8 @@ class ScriptedWorker:
         fields = (hello["nonce"], mine, here)
         ch.recv_json(Frame.AUTH)
         ch.send_json(Frame.AUTH_OK, {"proof": auth.proof(self.key, "worker proof", *fields)})
-        session_key = auth.derive(self.key, "session", *fields)
-        ch.authenticate(auth.derive(session_key, "control"))
+        control_key, data_key = auth.session_keys(self.key, *fields)
+        ch.authenticate(control_key)
         config = ch.recv_json(Frame.CONFIG)
         vocab_begin, vocab_end = config["slice"]["vocab"]
         with socket.create_server(("127.0.0.1", 0)) as mesh:  # no other worker calls it
@@ -116,7 +116,7 @@ class ScriptedWorker:
                 pass
             ch.recv_json(Frame.MESH)
             ch.send(Frame.READY)
-        data = DataPlane(conn, auth.derive(session_key, "data") if config.get("data_mac", True) else None, 1)
+        data = DataPlane(conn, data_key if config.get("data_mac", True) else None, 1)
         q80 = config["q80"]
         while True:
             _magic, _pos, n, output, _t = STEP_HEADER.unpack(data.recv(STEP_HEADER.size))

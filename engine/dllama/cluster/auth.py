@@ -74,6 +74,13 @@ def derive(key: bytes, purpose: str, *fields: str | int) -> bytes:
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
+def session_keys(key: bytes, root_nonce: str, worker_nonce: str, address: str) -> tuple[bytes, bytes]:
+    """The keys of one root-worker connection, from the handshake's fields: (control frames,
+    data-plane link). Root and worker call this same schedule."""
+    session = derive(key, "session", root_nonce, worker_nonce, address)
+    return derive(session, "control"), derive(session, "data")
+
+
 def proof(key: bytes, purpose: str, *fields: str | int) -> str:
     return derive(key, purpose, *fields).hex()
 

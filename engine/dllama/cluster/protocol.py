@@ -82,7 +82,6 @@ class Channel:
         self.key: bytes | None = None
         self.sent = self.received = 0
         self.deadline: float | None = None
-        self.timeout: float | None = sock.gettimeout()
 
     def authenticate(self, key: bytes) -> None:
         self.key, self.sent, self.received = key, 0, 0
@@ -93,7 +92,6 @@ class Channel:
     def set_timeout(self, seconds: float | None) -> None:
         """Per-read timeout once no deadline applies (waits between phases)."""
         self.deadline = None
-        self.timeout = seconds
         self.sock.settimeout(seconds)
 
     def _arm(self) -> None:

@@ -133,8 +133,8 @@ def _introduce(ch: Channel, address: WorkerAddress, key: bytes, session: Session
     reply = _guard(address, ch.recv_json, Frame.AUTH_OK)
     if not auth.check(key, reply.get("proof"), "worker proof", *fields):
         raise ClusterError(str(address), "the worker does not hold this root's cluster key")
-    session_key = auth.derive(key, "session", *fields)
-    ch.authenticate(auth.derive(session_key, "control"))
+    control_key, data_key = auth.session_keys(key, *fields)
+    ch.authenticate(control_key)
     _guard(address, ch.send_json, Frame.CONFIG, session.to_json())
     ch.set_timeout(PREPARE_TIMEOUT)
     reply = _guard(address, ch.recv_json, Frame.CONFIG_OK)
@@ -142,7 +142,7 @@ def _introduce(ch: Channel, address: WorkerAddress, key: bytes, session: Session
     if not isinstance(reply.get("cached"), bool) or not isinstance(reply.get("mesh_port"), int) \
             or not 0 < reply["mesh_port"] < 65536:
         raise ClusterError(str(address), "malformed CONFIG_OK")
-    return reply, auth.derive(session_key, "data")
+    return reply, data_key
 
 
 def _send_weights(ch: Channel, address, model: ModelFile, tensors: list[TensorSlice], bar) -> int:

@@ -103,9 +103,9 @@ class Worker:
             ch.send_error("cluster key mismatch: the worker refused this root")
             raise Refused("it does not hold this worker's cluster key")
         ch.send_json(Frame.AUTH_OK, {"proof": auth.proof(self.key, "worker proof", *fields)})
-        session_key = auth.derive(self.key, "session", *fields)
-        ch.authenticate(auth.derive(session_key, "control"))
-        return auth.derive(session_key, "data")
+        control_key, data_key = auth.session_keys(self.key, *fields)
+        ch.authenticate(control_key)
+        return data_key
 
     def run_session(self, ch: Channel, peer: str, data_key: bytes) -> None:
         """An authenticated root's session; whatever goes wrong, the root is told why (if it
