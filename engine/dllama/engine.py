@@ -1,8 +1,17 @@
-"""The engine one process drives: a model file, the native forward pass over it, a position."""
+"""The engine one process drives: a model file, the native forward pass over it, and the
+positions of the sequences its KV cache holds.
+
+One call runs everything: `step(entries)` feeds each entry's tokens to its sequence (a prompt
+chunk, or the one token a decoding sequence sampled last) in one forward pass, every weight read
+once for all of them, and returns per entry what it asked for: nothing, the last token's logits,
+or its 64 best candidates (what generate.py samples from). One node or many: the same call.
+"""
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
 
 import numpy as np
 
@@ -11,21 +20,42 @@ from .cluster.errors import WorkerLost
 from .config import ModelConfig
 from .model_file import ModelFile
 from .native import bind_tensor, native_config, native_plan
-from .sampler import Candidates, Sampler, candidates, merge_candidates
+from .sampler import Candidates, effective_temperature, merge_candidates
 
 # how long a root waits for a worker inside a step before naming it lost
 STEP_TIMEOUT_MS = 10_000
 
 BUFFER_FLOAT_TYPES = ("q80", "f32")
-# Prompt tokens that go through the layers together; each weight is read once per batch.
+KV_CACHE_TYPES = {"f32": _core.FloatType.F32, "f16": _core.FloatType.F16}
+# Tokens that go through the layers together; each weight is read once per batch. A step with
+# more runs in chunks of this many.
 DEFAULT_MAX_BATCH = 128
 DEFAULT_MAX_SEQ_LEN = 4096
+MAX_SEQUENCES = 256
 NONE, LOGITS, TOPK = _core.StepOutput.NONE, _core.StepOutput.LOGITS, _core.StepOutput.TOPK
+OUTPUTS = (NONE, LOGITS, TOPK)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One sequence's part of a step: its tokens go in at the sequence's position.
+    output: NONE (a prompt chunk whose next token is known), LOGITS (the last token's float32
+    logits over the whole vocabulary) or TOPK (its 64 best candidates and the softmax normaliser
+    at `temperature`: all a sampler needs, and in a cluster far less traffic than every logit)."""
+
+    seq: int
+    tokens: Sequence[int]
+    output: _core.StepOutput = NONE
+    temperature: float = 1.0
+
+
+StepResult = Union[None, np.ndarray, Candidates]
 
 
 class Engine:
-    """Runs a model one step at a time: `forward(tokens)` feeds tokens at the current position
-    (several tokens are one prefill batch) and returns the last token's logits.
+    """Runs a model one step at a time over up to `max_sequences` sequences, each with its own
+    position in the KV cache (allocated up front: max_sequences x max_seq_len positions, F32 or,
+    with kv_cache_type="f16", half that).
 
     With workers: `progress` draws the weight transfer's bar when stderr is a terminal (never
     otherwise); `data_mac=False` leaves the data plane's messages untagged (the benchmark's
@@ -40,6 +70,8 @@ class Engine:
         max_seq_len: int | None = DEFAULT_MAX_SEQ_LEN,
         workers: Sequence[str] = (),
         max_batch: int = DEFAULT_MAX_BATCH,
+        max_sequences: int = 1,
+        kv_cache_type: str = "f32",
         cluster_key_file: str | os.PathLike | None = None,
         progress: bool = True,
         data_mac: bool = True,
@@ -52,6 +84,10 @@ class Engine:
             raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if not isinstance(max_sequences, int) or isinstance(max_sequences, bool) or not 1 <= max_sequences <= MAX_SEQUENCES:
+            raise ValueError(f"max_sequences must be an integer between 1 and {MAX_SEQUENCES}, got {max_sequences!r}")
+        if kv_cache_type not in KV_CACHE_TYPES:
+            raise ValueError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {kv_cache_type!r}")
         from .cluster.plan import plan_slices
         from .cluster.root import WorkerAddress
 
@@ -65,22 +101,26 @@ class Engine:
         try:
             self.config: ModelConfig = self._file.config
             self.buffer_float_type = buffer_float_type
+            self.kv_cache_type = kv_cache_type
+            self.max_sequences = max_sequences
             self.max_seq_len = min(max_seq_len or self.config.seq_len, self.config.seq_len)
-            slices = plan_slices(self.config, [1.0] + [a.weight for a in addresses])
+            self.slices = plan_slices(self.config, [1.0] + [a.weight for a in addresses])
             if addresses:
-                self._connect(slices, addresses, cluster_key_file, max_batch, progress, data_mac)
-            self._core = _core.Transformer(native_config(self.config), native_plan(slices[0]), nthreads=nthreads,
-                                           max_seq_len=self.max_seq_len, max_batch=max_batch)
-            self._bind_weights(slices[0])
+                self._connect(self.slices, addresses, cluster_key_file, max_batch, progress, data_mac)
+            self._core = _core.Transformer(native_config(self.config), native_plan(self.slices[0]), nthreads=nthreads,
+                                           max_seq_len=self.max_seq_len, max_batch=max_batch,
+                                           max_sequences=max_sequences, kv_cache_type=KV_CACHE_TYPES[kv_cache_type])
+            self._bind_weights(self.slices[0])
             if self._mesh is not None:
-                self._core.attach_root(self._mesh, buffer_float_type == "q80", [s.vocab[1] - s.vocab[0] for s in slices])
+                self._core.attach_root(self._mesh, buffer_float_type == "q80",
+                                       [s.vocab[1] - s.vocab[0] for s in self.slices])
         except BaseException:
             self._core = None
             self._mesh = None
             self._file.close()
             raise
         self.nthreads = nthreads
-        self._position = 0
+        self._positions = [0] * max_sequences
         self._last_stats: dict = {}
 
     def _connect(self, slices, addresses, cluster_key_file, max_batch: int, progress: bool, data_mac: bool) -> None:
@@ -90,7 +130,8 @@ class Engine:
         key = auth.load_key(cluster_key_file, "root")
         cluster = connect_workers(
             self._file, slices, addresses, key=key, q80=self.buffer_float_type == "q80",
-            max_seq_len=self.max_seq_len, max_batch=max_batch, data_mac=data_mac, progress=progress)
+            max_seq_len=self.max_seq_len, max_batch=max_batch, max_sequences=self.max_sequences,
+            kv_cache_type=self.kv_cache_type, data_mac=data_mac, progress=progress)
         self.weights_sent = cluster.weights_sent
         self._mesh = _core.Mesh(0, cluster.fds, cluster.names, STEP_TIMEOUT_MS,
                                 **({"keys": cluster.keys} if data_mac else {}))
@@ -104,8 +145,12 @@ class Engine:
 
     @property
     def position(self) -> int:
-        """How many tokens the KV cache holds: the position the next token goes to."""
-        return self._position
+        """How many tokens sequence 0's KV cache holds (the single-sequence callers' position)."""
+        return self._positions[0]
+
+    def position_of(self, seq: int) -> int:
+        """How many tokens sequence `seq` holds: the position its next token goes to."""
+        return self._positions[self._seq(seq)]
 
     @property
     def vocab_size(self) -> int:
@@ -115,35 +160,25 @@ class Engine:
     def is_cluster(self) -> bool:
         return self._mesh is not None
 
-    def forward(self, tokens: Sequence[int]) -> np.ndarray:
-        """Feeds tokens at the current position and returns the last one's float32 logits [vocab]."""
-        return self._step(tokens, LOGITS)
+    def kv_cache_bytes(self) -> list[int]:
+        """The KV cache each node holds (node 0, this one, first): max_sequences x max_seq_len
+        positions of its kv heads, every layer, keys and values."""
+        from .cluster.footprint import kv_cache_bytes
 
-    def feed(self, tokens: Sequence[int]) -> None:
-        """Like forward, without computing logits (a prompt whose next token is already known)."""
-        self._step(tokens, NONE)
+        return [kv_cache_bytes(self.config, s, self.max_seq_len, self.max_sequences, self.kv_cache_type)
+                for s in self.slices]
 
-    def forward_candidates(self, tokens: Sequence[int], temperature: float) -> Candidates:
-        """Like forward, returning only the 64 best candidates and the softmax normaliser at this
-        temperature: all a sampler needs, and in a cluster far less traffic than every logit."""
-        if not self.is_cluster:
-            return candidates(self._step(tokens, LOGITS), temperature)
-        return merge_candidates(self._step(tokens, TOPK, temperature))
-
-    def next_token(self, tokens: Sequence[int], sampler: Sampler) -> int:
-        """Feeds tokens and samples the next one, moving as little data as the node count allows."""
-        if not self.is_cluster:
-            return sampler.sample(self._step(tokens, LOGITS))
-        return sampler.sample_candidates(*self.forward_candidates(tokens, sampler.temperature))
-
-    def _step(self, tokens: Sequence[int], output: _core.StepOutput, temperature: float = 1.0):
-        ids = self._check_tokens(tokens)
+    def step(self, entries: Sequence[Entry]) -> list[StepResult]:
+        """Runs every entry's tokens in one forward pass (each sequence at most once per step) and
+        returns per entry: None, the last token's logits [vocab] or its Candidates. A refused
+        step (a bad id, a sequence that would overflow its context) changes nothing."""
+        seqs, positions, counts, tokens, outputs, temperatures = self._check_entries(entries)
         if self._mesh is None:
-            result = self._core.forward(ids, self._position, output != NONE)
+            results = self._core.step(seqs, positions, counts, tokens, outputs, temperatures)
         else:
             before = self._mesh.stats()
             try:
-                result = self._core.step(ids, self._position, output, temperature)
+                results = self._core.step(seqs, positions, counts, tokens, outputs, temperatures)
             except _core.NetworkError as e:
                 self._broken = str(e)
                 raise self._lost(str(e)) from None
@@ -154,18 +189,26 @@ class Engine:
                 "recv_kb": (after["received"] - before["received"]) / 1024,
                 "mac_ms": (after["mac_seconds"] - before["mac_seconds"]) * 1000,
             }
-        self._position += len(ids)
-        return result
+        for seq, n in zip(seqs.tolist(), counts.tolist()):
+            self._positions[seq] += n
+        return [merge_candidates(r) if isinstance(r, list) else r for r in results]
 
-    def reset(self) -> None:
-        """Starts a new sequence."""
-        self._position = 0
+    def forward(self, tokens: Sequence[int], seq: int = 0) -> np.ndarray:
+        """One sequence's step: feeds tokens at its position, returns the last one's float32
+        logits [vocab]."""
+        return self.step([Entry(seq, tokens, LOGITS)])[0]
 
-    def rewind(self, position: int) -> None:
-        """Forgets every token from `position` on, keeping the cache before it (prefix reuse)."""
-        if not isinstance(position, int) or not 0 <= position <= self._position:
-            raise ValueError(f"can only rewind to a position between 0 and {self._position}, got {position!r}")
-        self._position = position
+    def reset(self, seq: int = 0) -> None:
+        """Starts sequence `seq` over (its cache is overwritten as it fills again)."""
+        self._positions[self._seq(seq)] = 0
+
+    def rewind(self, position: int, seq: int = 0) -> None:
+        """Forgets every token of sequence `seq` from `position` on, keeping the cache before it
+        (prefix reuse)."""
+        now = self._positions[self._seq(seq)]
+        if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position <= now:
+            raise ValueError(f"can only rewind sequence {seq} to a position between 0 and {now}, got {position!r}")
+        self._positions[seq] = position
 
     def stats(self) -> dict:
         """Figures of the last step beyond timing: sync ms, KB sent and received (a single node
@@ -189,11 +232,44 @@ class Engine:
         """The error for a failed step, naming the worker its message is about."""
         return WorkerLost(next((w for w in self.workers if w in message), ""), message)
 
-    def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
+    def _seq(self, seq: int) -> int:
+        if not isinstance(seq, (int, np.integer)) or isinstance(seq, bool) or not 0 <= seq < self.max_sequences:
+            raise ValueError(f"sequence {seq!r} is not one of this engine's 0..{self.max_sequences - 1}")
+        return int(seq)
+
+    def _check_entries(self, entries: Sequence[Entry]) -> tuple[np.ndarray, ...]:
+        """The step as the core takes it: per entry its sequence, position, token count, output
+        and temperature, and every entry's tokens end to end; anything a caller got wrong is a
+        ValueError before any of it runs."""
         if self._core is None:
             raise ValueError("the engine is closed")
         if self._broken is not None:
             raise self._lost(f"the cluster lost a node earlier: {self._broken}")
+        entries = list(entries)
+        if not entries:
+            raise ValueError("a step needs at least one entry")
+        seen: set[int] = set()
+        ids = []
+        for e in entries:
+            seq = self._seq(e.seq)
+            if seq in seen:
+                raise ValueError(f"sequence {seq} appears twice in one step")
+            seen.add(seq)
+            if e.output not in OUTPUTS:
+                raise ValueError(f"output must be NONE, LOGITS or TOPK, got {e.output!r}")
+            t = float(e.temperature)
+            if not (np.isfinite(t) and t >= 0):
+                raise ValueError(f"temperature must be a finite number >= 0, got {e.temperature!r}")
+            ids.append(self._check_tokens(e.tokens, seq))
+        return (np.array([e.seq for e in entries], dtype=np.int32),
+                np.array([self._positions[e.seq] for e in entries], dtype=np.int32),
+                np.array([len(i) for i in ids], dtype=np.int32),
+                np.concatenate(ids),
+                np.array([int(e.output) for e in entries], dtype=np.int32),
+                # the normaliser of a greedy entry is unused: any positive temperature does
+                np.array([effective_temperature(float(e.temperature)) or 1.0 for e in entries], dtype=np.float32))
+
+    def _check_tokens(self, tokens: Sequence[int], seq: int) -> np.ndarray:
         try:
             ids = np.asarray(tokens)
         except (TypeError, ValueError) as e:
@@ -205,8 +281,8 @@ class Engine:
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        if self._position + ids.size > self.max_seq_len:
-            raise ValueError(
-                f"{ids.size} tokens at position {self._position} exceed max_seq_len {self.max_seq_len}"
-            )
+        position = self._positions[seq]
+        if position + ids.size > self.max_seq_len:
+            raise ValueError(f"{ids.size} tokens at position {position} of sequence {seq} exceed max_seq_len "
+                             f"{self.max_seq_len}")
         return ids.astype(np.int32)

@@ -1,37 +1,22 @@
 """The generation loop, the prefix cache between sequences, and the figures an operator compares
 at the end of a run.
 
-generate() drives any engine with this shape:
-    forward(tokens: list[int]) -> np.ndarray   logits of the last token; advances position
-    position: int                              tokens already in the KV cache
-    max_seq_len: int                           the context size
-    reset()                                    empty the KV cache (position 0)
-    stats() -> dict (optional)                 figures of the last forward call: sync_ms,
-                                               sent_kb, recv_kb (each optional)
-    rewind(n) (optional)                       keep the first n tokens of the KV cache
+A `Generation` is one sequence being generated in one of the engine's sequence slots: it says
+what to feed next (`entry`: a chunk of its prompt, or the token it sampled last) and takes the
+step's result (`advance`: samples the next token from the candidates). `generate()` runs one of
+them alone; dllama-api's scheduler runs several in the same steps. Both drive a real
+dllama.Engine (engine.step).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Protocol, Sequence
+from typing import Any, Callable, Collection, Sequence
 
-import numpy as np
-
-from dllama.sampler import Sampler
+from dllama.engine import NONE, TOPK, Entry, StepResult
+from dllama.sampler import Candidates, Sampler
 
 NET_STATS = ("sync_ms", "sent_kb", "recv_kb")
-
-
-class EngineLike(Protocol):
-    position: int
-    max_seq_len: int
-
-    def forward(self, tokens: list[int]) -> np.ndarray: ...
-
-    def reset(self) -> None: ...
-
-
 @dataclass
 class GenerationResult:
     tokens: list[int]  # generated ids, without the eos that stopped generation
@@ -62,8 +47,140 @@ class GenerationResult:
         return _per_token_ms(self.decode_tokens, self.decode_seconds)
 
 
+class Generation:
+    """One sequence from its prompt to its last token, in engine sequence slot `seq`.
+
+    prompt_ids are the tokens still to feed (a reused prefix already in the slot's cache is not
+    among them); `start` is the slot's position before them. Up to `steps` tokens are sampled;
+    generation ends at an eos id (not returned), after `steps` tokens, when the context is full,
+    or when on_token(id) returns True (the caller has what it wants, or nobody is listening:
+    finish_reason "stop"), or `stop()` is called between steps.
+
+        while not g.done:
+            out = engine.step([g.entry()])[0]
+            g.advance(out, seconds, engine.stats())
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], *, seq: int, start: int, max_seq_len: int, steps: int,
+                 sampler: Sampler, eos_ids: Collection[int], on_token: Callable[[int], bool | None] | None = None
+                 ) -> None:
+        self.prompt = [int(t) for t in prompt_ids]
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        if not self.prompt:
+            raise ValueError("the prompt is empty: nothing to continue from")
+        if start + len(self.prompt) > max_seq_len:
+            raise ValueError(
+                f"the prompt ({len(self.prompt)} tokens, from position {start}) does not fit in the context "
+                f"({max_seq_len} tokens); raise --max-seq-len or shorten the prompt"
+            )
+        self.seq = seq
+        self.position = start  # the slot's position: tokens its cache holds
+        self.max_seq_len = max_seq_len
+        self.steps = steps
+        self.sampler = sampler
+        self.eos = frozenset(int(t) for t in eos_ids)
+        self.on_token = on_token
+        self.tokens: list[int] = []  # generated, without the eos
+        self.fed: list[int] = []  # given to the engine: the prompt, then generated tokens
+        self.done = False
+        self.finish_reason = "length"
+        self._prompt_at = 0  # prompt tokens fed so far
+        self._pending: int | None = None  # sampled, not yet fed
+        self._entry_tokens = 0
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+        self.decode_tokens = 0
+        self._prefill_net: dict[str, float] = {}
+        self._decode_net: dict[str, float] = {}
+
+    @property
+    def prefilling(self) -> bool:
+        return self._prompt_at < len(self.prompt)
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.prompt) - self._prompt_at
+
+    def entry(self, budget: int | None = None) -> Entry:
+        """What this sequence feeds in the next step: up to `budget` prompt tokens (all of the
+        rest when None), or the token it sampled last. Candidates come back only for the prompt's
+        last chunk and for decode steps (none when steps is 0)."""
+        if self.done:
+            raise RuntimeError("this generation is over")
+        if self.prefilling:
+            n = self.prompt_left if budget is None else max(1, min(budget, self.prompt_left))
+            tokens = self.prompt[self._prompt_at:self._prompt_at + n]
+            last = self._prompt_at + n == len(self.prompt)
+            output = TOPK if last and self.steps > 0 else NONE
+        else:
+            assert self._pending is not None
+            tokens, output = [self._pending], TOPK
+        self._entry_tokens = len(tokens)
+        return Entry(self.seq, tokens, output, self.sampler.temperature)
+
+    def advance(self, result: StepResult, seconds: float = 0.0, stats: dict | None = None) -> int | None:
+        """Takes the step's result for the last entry(): returns the token it yields to the
+        caller (None when it yields none: a prompt chunk, an eos, the end)."""
+        n, was_prefill = self._entry_tokens, self.prefilling
+        self.fed += (self.prompt[self._prompt_at:self._prompt_at + n] if was_prefill else [self._pending])
+        self.position += n
+        net = _net_values(stats)
+        if was_prefill:
+            self._prompt_at += n
+            self.prefill_seconds += seconds
+            _add(self._prefill_net, net)
+            if self.prefilling:
+                return None  # more prompt to feed
+            if self.steps == 0:
+                self.done = True
+                return None
+        else:
+            self.decode_seconds += seconds
+            self.decode_tokens += 1
+            _add(self._decode_net, net)
+        assert isinstance(result, Candidates), "a step that ends a prompt or decodes returns candidates"
+        token = self.sampler.sample_candidates(*result)
+        self._pending = None
+        if token in self.eos:
+            return self._finish("stop")
+        self.tokens.append(token)
+        if self.on_token is not None and self.on_token(token) is True:
+            self._finish("stop")
+            return token
+        if len(self.tokens) >= self.steps or self.position >= self.max_seq_len:
+            self._finish("length")
+            return token
+        self._pending = token
+        return token
+
+    def stop(self) -> None:
+        """Ends the generation between steps (the client left): finish_reason "stop"."""
+        if not self.done:
+            self._finish("stop")
+
+    def _finish(self, reason: str) -> None:
+        self.done = True
+        self.finish_reason = reason
+        self._pending = None
+
+    def result(self, tokenizer: Any = None) -> GenerationResult:
+        fed = len(self.prompt) if not self.prefilling else self._prompt_at
+        return GenerationResult(
+            tokens=list(self.tokens),
+            finish_reason=self.finish_reason,
+            prefill_tokens=len(self.prompt),
+            prefill_seconds=self.prefill_seconds,
+            decode_tokens=self.decode_tokens,
+            decode_seconds=self.decode_seconds,
+            text=tokenizer.decode(self.tokens) if tokenizer is not None else "",
+            prefill_net=_per_token(self._prefill_net, fed),
+            decode_net=_per_token(self._decode_net, self.decode_tokens),
+        )
+
+
 def generate(
-    engine: EngineLike,
+    engine: Any,
     prompt_ids: Sequence[int],
     *,
     steps: int,
@@ -71,111 +188,52 @@ def generate(
     eos_ids: Collection[int],
     on_token: Callable[[int], bool | None] | None = None,
     tokenizer: Any = None,
+    seq: int = 0,
 ) -> GenerationResult:
-    """Evaluate prompt_ids from the engine's current position in one forward call, then sample
-    up to `steps` tokens, one forward call each. Stops at an eos id (not returned), after
-    `steps` tokens, or when the context is full. on_token(id) sees every returned token as it
-    is sampled; when it returns True generation ends there (finish_reason "stop": the caller
-    has what it wants, e.g. a stop string, or nobody is listening). The caller resets the engine
-    when it wants a fresh context."""
-    prompt_ids = [int(t) for t in prompt_ids]
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if not prompt_ids:
-        raise ValueError("the prompt is empty: nothing to continue from")
-    start = engine.position
-    if start + len(prompt_ids) > engine.max_seq_len:
-        raise ValueError(
-            f"the prompt ({len(prompt_ids)} tokens, from position {start}) does not fit in the context "
-            f"({engine.max_seq_len} tokens); raise --max-seq-len or shorten the prompt"
-        )
-    eos = frozenset(int(t) for t in eos_ids)
-    tokens: list[int] = []
-
-    t0 = time.perf_counter()
-    if steps > 0:
-        token = _next_token(engine, prompt_ids, sampler)
-    else:
-        engine.forward(prompt_ids)
-        token = None
-    prefill_net = _net_stats(engine)
-    prefill_seconds = time.perf_counter() - t0
-    decode_net: dict[str, float] = {}
-
-    decode_tokens = 0
-    decode_seconds = 0.0
-    finish_reason = "length"
-    while token is not None:
-        if token in eos:
-            finish_reason = "stop"
-            break
-        tokens.append(token)
-        if on_token is not None and on_token(token) is True:
-            finish_reason = "stop"
-            break
-        if len(tokens) >= steps or engine.position >= engine.max_seq_len:
-            break
+    """One Generation alone on a dllama.Engine, from sequence `seq`'s current position: the prompt
+    in one step (the engine runs it in chunks of its max_batch), then one step per token. The
+    caller resets the sequence when it wants a fresh context."""
+    g = Generation(prompt_ids, seq=seq, start=engine.position_of(seq), max_seq_len=engine.max_seq_len,
+                   steps=steps, sampler=sampler, eos_ids=eos_ids, on_token=on_token)
+    while not g.done:
         t0 = time.perf_counter()
-        token = _next_token(engine, [token], sampler)
-        for key, value in _net_stats(engine).items():
-            decode_net[key] = decode_net.get(key, 0.0) + value
-        decode_seconds += time.perf_counter() - t0
-        decode_tokens += 1
-
-    return GenerationResult(
-        tokens=tokens,
-        finish_reason=finish_reason,
-        prefill_tokens=len(prompt_ids),
-        prefill_seconds=prefill_seconds,
-        decode_tokens=decode_tokens,
-        decode_seconds=decode_seconds,
-        text=tokenizer.decode(tokens) if tokenizer is not None else "",
-        prefill_net=_per_token(prefill_net, len(prompt_ids)),
-        decode_net=_per_token(decode_net, decode_tokens),
-    )
+        out = engine.step([g.entry()])[0]
+        g.advance(out, time.perf_counter() - t0, engine.stats())
+    return g.result(tokenizer)
 
 
 class PrefixCache:
-    """The tokens the engine's KV cache holds, in order. A new sequence keeps the longest common
-    prefix (at least one prompt token is always evaluated: its logits are not stored); an engine
-    without rewind(n) keeps it only when the sequence grew at its end."""
+    """The tokens one engine sequence's KV cache holds, in order. A new prompt keeps the longest
+    common prefix (at least one prompt token is always evaluated: its logits are not stored)."""
 
-    def __init__(self) -> None:
+    def __init__(self, seq: int = 0) -> None:
+        self.seq = seq
         self.tokens: list[int] = []
 
-    def reuse(self, engine: Any, ids: list[int]) -> int:
-        """Makes the engine hold the longest usable prefix of ids; returns its length (ids[that:]
-        are what to evaluate)."""
-        if engine.position != len(self.tokens):  # someone else moved the engine: nothing is known
-            self.tokens = []
+    def common(self, ids: Sequence[int]) -> int:
+        """How many leading tokens of ids this cache could keep."""
         keep, limit = 0, min(len(self.tokens), len(ids) - 1)
         while keep < limit and self.tokens[keep] == ids[keep]:
             keep += 1
-        if keep < engine.position:
-            rewind = getattr(engine, "rewind", None)
-            if keep > 0 and callable(rewind):
-                rewind(keep)
-            else:
-                engine.reset()
-                keep = 0
+        return keep
+
+    def reuse(self, engine: Any, ids: list[int]) -> int:
+        """Makes the engine's sequence hold the longest usable prefix of ids; returns its length
+        (ids[that:] are what to evaluate)."""
+        if engine.position_of(self.seq) != len(self.tokens):  # someone else moved it: nothing is known
+            self.tokens = []
+        keep = self.common(ids)
+        engine.rewind(keep, self.seq)
         del self.tokens[keep:]
         return keep
 
     def record(self, engine: Any, fed: list[int]) -> None:
         """After a sequence: fed are the tokens given to the engine since reuse() (the prompt's
         rest, then the generated ones); the cache holds those up to the engine's position."""
-        self.tokens = (self.tokens + fed)[: engine.position]
+        self.tokens = (self.tokens + fed)[: engine.position_of(self.seq)]
 
     def clear(self) -> None:
         self.tokens = []
-
-
-def _next_token(engine: Any, tokens: list[int], sampler: Sampler) -> int:
-    # the engine samples where that moves less data (a cluster's nodes send their best
-    # candidates, not every logit); anything with only forward() gets its logits sampled here
-    if hasattr(engine, "next_token"):
-        return engine.next_token(tokens, sampler)
-    return sampler.sample(engine.forward(tokens))
 
 
 def format_stats(result: GenerationResult) -> str:
@@ -216,12 +274,14 @@ def _per_token_ms(n: int, seconds: float) -> float:
     return seconds * 1000.0 / n if n else 0.0
 
 
-def _net_stats(engine: Any) -> dict[str, float]:
-    stats = getattr(engine, "stats", None)
-    if not callable(stats):
-        return {}
-    values = stats() or {}
+def _net_values(stats: dict | None) -> dict[str, float]:
+    values = stats or {}
     return {k: float(values[k]) for k in NET_STATS if values.get(k) is not None}
+
+
+def _add(totals: dict[str, float], values: dict[str, float]) -> None:
+    for key, value in values.items():
+        totals[key] = totals.get(key, 0.0) + value
 
 
 def _per_token(totals: dict[str, float], n: int) -> dict[str, float]:
