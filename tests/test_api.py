@@ -25,7 +25,8 @@ from dllama.testing.checkpoint import make_checkpoint
 from dllama.tokenizer import Tokenizer
 
 CONTEXT = 2048
-QUEUE = 4
+PARALLEL = 4
+QUEUE = 6  # 4 generating, 2 waiting
 API_KEY = "test-key-0123456789"
 STEPS = 24
 NTHREADS = 1  # no spinning thread pool to starve when other jobs share the cores
@@ -104,8 +105,8 @@ def start_server(tiny, root: Path, *extra: str) -> Server:
         process = subprocess.Popen(
             [*_api_command(), "--model", model, "--tokenizer", hf, "--buffer-float-type", "q80",
              "--nthreads", str(NTHREADS), "--max-seq-len", str(CONTEXT), "--host", "127.0.0.1", "--port", str(port),
-             "--queue-size", str(QUEUE), "--api-key-file", key_file, "--model-name", "tiny", "--log-level", "warning",
-             *extra],
+             "--parallel", str(PARALLEL), "--queue-size", str(QUEUE), "--api-key-file", key_file,
+             "--model-name", "tiny", "--log-level", "warning", *extra],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -159,10 +160,74 @@ def cli_greedy(tiny, prompt: str, steps: int) -> str:
     return run.stdout[len(prompt): run.stdout.rindex("\n\nEvaluation\n")]
 
 
-def evict_cache(server: Server) -> None:
-    """A sequence sharing no first token with the chat prompts, so the next one starts from scratch."""
-    r = server.http.post("/v1/completions", json={"prompt": "Zebra", "max_tokens": 1, "temperature": 0})
-    assert r.status_code == 200, r.text
+def evict_cache(server: Server, slots: int = PARALLEL) -> None:
+    """One-token prompts sharing no first token with the chat prompts nor with each other, one per
+    slot: each takes the least recently used slot, so the next chat starts from scratch."""
+    for token in range(1000, 1000 + slots):
+        r = server.http.post("/v1/completions", json={"prompt": [token], "max_tokens": 1, "temperature": 0})
+        assert r.status_code == 200, r.text
+
+
+class Streams:
+    """Chat streams read in threads: the text of each, whether its first chunk came, its finish
+    reason (None when closed before its end). Stream i stops reading and closes once close[i] is set."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.texts: dict[int, str] = {}
+        self.first: dict[int, threading.Event] = {}
+        self.close: dict[int, threading.Event] = {}
+        self.finish: dict[int, str | None] = {}
+        self.errors: list[BaseException] = []
+        self.threads: dict[int, threading.Thread] = {}
+
+    def open(self, i: int, messages, max_tokens: int) -> None:
+        self.first[i], self.close[i] = threading.Event(), threading.Event()
+        self.threads[i] = threading.Thread(target=self._read, args=(i, messages, max_tokens))
+        self.threads[i].start()
+
+    def _read(self, i: int, messages, max_tokens: int) -> None:
+        try:
+            text, finish = "", None
+            stream = self.server.chat(messages, max_tokens=max_tokens, stream=True)
+            for chunk in stream:
+                self.first[i].set()
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    finish = chunk.choices[0].finish_reason or finish
+                if self.close[i].is_set():
+                    break
+            stream.close()
+            self.texts[i], self.finish[i] = text, finish
+        except BaseException as e:  # noqa: BLE001 - reported by join()
+            self.errors.append(e)
+        finally:
+            self.first[i].set()
+
+    def close_all(self) -> None:
+        for close in self.close.values():
+            close.set()
+
+    def join(self, timeout: float = 120) -> None:
+        for i, t in self.threads.items():
+            t.join(timeout=timeout)
+            assert not t.is_alive(), f"stream {i} did not end"
+        assert not self.errors, self.errors
+
+
+def wait_for_queue(server: Server, running: int, waiting: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        queue = server.health().json()["queue"]
+        if (queue["running"], queue["waiting"]) == (running, waiting):
+            return
+        assert time.monotonic() < deadline, queue
+        time.sleep(0.005)
+
+
+def steps_of_one_sequence(server: Server) -> tuple[float, float]:
+    """(engine steps that advanced a single sequence, all engine steps) so far."""
+    return server.metric("dllama_step_sequences_bucket", le="1.0"), server.metric("dllama_step_sequences_count")
 
 
 # the model, the server
@@ -172,7 +237,8 @@ def test_health_is_ok(server):
     r = server.health()
     assert r.status_code == 200
     body = r.json()
-    assert body["status"] == "ok" and body["workers"] == [] and body["queue"]["size"] == QUEUE
+    assert body["status"] == "ok" and body["workers"] == []
+    assert body["queue"] == {"waiting": 0, "running": 0, "parallel": PARALLEL, "size": QUEUE}
 
 
 def test_models_lists_the_model_with_its_context_length(server):
@@ -245,60 +311,84 @@ def test_usage_counts_the_rendered_prompt(server, tokenizer):
     assert "<think>\n\n</think>" in rendered  # thinking off: the template closes an empty block
 
 
-def test_four_concurrent_clients_are_served_and_a_fifth_gets_429(server):
-    prompts = [f"Count to {n}, slowly." for n in range(4)]
-    # tokens: the first reply is still going when the fifth request arrives. The tiny model
-    # decodes one in 1-2 ms, so 200 left a window a busy machine's scheduling stalls could close
-    # (the four done before all four were seen in flight, or one done before the fifth came).
-    long = 1500
-    answers: dict[int, str] = {}
-    errors: list[BaseException] = []
+PROMPTS = ["Hi", "Count to ten, slowly.", "Name three colours of the sea, one per line, and say why.",
+           "Tell me a long story about a fox who lived by a river and a heron that never slept. " * 6]
 
-    def ask(i: int) -> None:
-        try:
-            reply = server.chat([{"role": "user", "content": prompts[i]}], max_tokens=long)
-            answers[i] = reply.choices[0].message.content
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while True:
-        queue = server.health().json()["queue"]
-        if queue["waiting"] + queue["running"] == QUEUE:
-            break
-        assert time.monotonic() < deadline, queue
-        time.sleep(0.005)
-    rejected = server.http.post(ENDPOINT, json={"messages": MESSAGES, "max_tokens": 1})
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+def test_four_concurrent_streams_each_return_what_they_return_alone(server):
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]  # prompts of 10 to 120 tokens
+    alone = []
+    for messages in conversations:
+        chunks = list(server.chat(messages, max_tokens=160, stream=True))
+        alone.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    single_before, steps_before = steps_of_one_sequence(server)
+    streams = Streams(server)
+    for i, messages in enumerate(conversations):
+        streams.open(i, messages, 160)
+    streams.join()
+    for i, text in enumerate(alone):
+        assert streams.texts[i] == text, i
+    single, steps = steps_of_one_sequence(server)
+    assert steps - steps_before > single - single_before  # some steps advanced several at once
+
+
+def test_requests_beyond_parallel_plus_queue_get_429(server):
+    streams = Streams(server)
+    for i in range(QUEUE):
+        streams.open(i, [{"role": "user", "content": f"Count to {i}, slowly."}], CONTEXT - 100)
+    try:
+        wait_for_queue(server, running=PARALLEL, waiting=QUEUE - PARALLEL)
+        rejected = server.http.post(ENDPOINT, json={"messages": MESSAGES, "max_tokens": 1})
+    finally:
+        streams.close_all()
+        streams.join()
     assert rejected.status_code == 429
     assert int(rejected.headers["Retry-After"]) >= 1
     assert rejected.json()["error"]["type"] == "rate_limit_error"
     assert server.metric("dllama_requests_total", endpoint=ENDPOINT, status="429") >= 1
-    for i, prompt in enumerate(prompts):  # one at a time, each answer is the same
-        alone = server.chat([{"role": "user", "content": prompt}], max_tokens=long).choices[0].message.content
-        assert answers[i] == alone, i
 
 
-def test_a_second_turn_reuses_the_first_turns_tokens(server):
+def test_a_cancelled_stream_frees_its_slot_for_a_waiting_request(server):
+    streams = Streams(server)
+    for i in range(PARALLEL):
+        streams.open(i, [{"role": "user", "content": f"Say {i} forever."}], CONTEXT - 100)
+    try:
+        wait_for_queue(server, running=PARALLEL, waiting=0)
+        streams.open(PARALLEL, MESSAGES, CONTEXT - 100)
+        wait_for_queue(server, running=PARALLEL, waiting=1)
+        assert not streams.first[PARALLEL].is_set()
+        streams.close[0].set()
+        assert streams.first[PARALLEL].wait(timeout=10), "the fifth request did not start"
+        # the fifth and the other three, all generating
+        assert server.health().json()["queue"] == {"waiting": 0, "running": PARALLEL, "parallel": PARALLEL,
+                                                   "size": QUEUE}
+    finally:
+        streams.close_all()
+        streams.join()
+    assert all(streams.finish[i] is None for i in range(PARALLEL + 1))  # each closed before its end
+
+
+def test_a_second_turn_reuses_its_slots_prefix(server):
+    """Two conversations interleaved: each next turn finds its own first turn in a slot, and
+    answers as it does with nothing cached."""
     evict_cache(server)
-    first = server.chat(max_tokens=8)
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
-    turn = [*MESSAGES, {"role": "assistant", "content": first.choices[0].message.content},
-            {"role": "user", "content": "And then?"}]
+    other = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a river."}]
+    chats = {"a": MESSAGES, "b": other}
+    first = {name: server.chat(messages, max_tokens=8) for name, messages in chats.items()}
+    assert all(f.usage.prompt_tokens_details.cached_tokens == 0 for f in first.values())
+    turns = {name: [*messages, {"role": "assistant", "content": first[name].choices[0].message.content},
+                    {"role": "user", "content": "And then?"}] for name, messages in chats.items()}
     reused_before = server.metric("dllama_prompt_tokens_cached_total")
-    cached = server.chat(turn, max_tokens=12)
-    reused = cached.usage.prompt_tokens_details.cached_tokens
-    assert reused >= first.usage.prompt_tokens  # at least the first prompt, evaluated once
-    assert server.metric("dllama_prompt_tokens_cached_total") - reused_before == reused
-    evict_cache(server)
-    fresh = server.chat(turn, max_tokens=12)
-    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
-    assert cached.choices[0].message.content == fresh.choices[0].message.content
+    cached = {name: server.chat(turn, max_tokens=12) for name, turn in turns.items()}
+    for name, reply in cached.items():
+        assert reply.usage.prompt_tokens_details.cached_tokens >= first[name].usage.prompt_tokens, name
+    assert server.metric("dllama_prompt_tokens_cached_total") - reused_before == sum(
+        r.usage.prompt_tokens_details.cached_tokens for r in cached.values())
+    for name, turn in turns.items():
+        evict_cache(server)
+        fresh = server.chat(turn, max_tokens=12)
+        assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+        assert cached[name].choices[0].message.content == fresh.choices[0].message.content, name
 
 
 def test_a_client_leaving_mid_stream_frees_the_engine(server):
@@ -380,10 +470,16 @@ def test_metrics_has_the_listed_series(server):
     for name in ("dllama_requests", "dllama_prompt_tokens", "dllama_prompt_tokens_cached", "dllama_generated_tokens",
                  "dllama_prefill_tokens_per_second", "dllama_decode_tokens_per_second", "dllama_sync_ms_per_token",
                  "dllama_sent_kb_per_token", "dllama_recv_kb_per_token", "dllama_queue_length",
-                 "dllama_requests_running", "dllama_cluster_up", "dllama_worker_up"):
+                 "dllama_requests_running", "dllama_cluster_up", "dllama_worker_up", "dllama_parallel",
+                 "dllama_generated_tokens_per_second", "dllama_step_tokens", "dllama_step_sequences"):
         assert name in families, name
     assert server.metric("dllama_cluster_up") == 1
+    assert server.metric("dllama_parallel") == PARALLEL
     assert server.metric("dllama_decode_tokens_per_second") > 0
+    steps = server.metric("dllama_step_tokens_count")
+    server.chat(max_tokens=5)
+    assert server.metric("dllama_step_tokens_count") - steps == 5  # the prompt's step, then 4 of one token
+    assert server.metric("dllama_generated_tokens_per_second") >= 5 / 10  # those 5, in the last 10 s
     assert server.metric("dllama_requests_total", endpoint=ENDPOINT, status="200") > 0
 
 
@@ -413,18 +509,43 @@ def test_the_server_starts_as_dllama_does(tiny, tmp_path):
         assert f"{prog}: note: the model's weights are q40, not f32" in text, text
     assert description("dllama-api", served) == description("dllama", ran)
     assert f"context {CONTEXT}, buffer q80, 1 thread, 1 node" in description("dllama", ran)
+    assert f"dllama-api: serving tiny (context {CONTEXT}, parallel {PARALLEL}, queue {QUEUE}) on http" in served
 
 
-def test_shutting_down_ends_a_stream_with_an_error_event_at_once(tiny, tmp_path):
+def test_parallel_1_serves_one_request_at_a_time_in_order(tiny, tmp_path):
+    srv = start_server(tiny, tmp_path, "--parallel", "1", "--queue-size", "3")
+    streams = Streams(srv)
+    try:
+        assert srv.health().json()["queue"] == {"waiting": 0, "running": 0, "parallel": 1, "size": 3}
+        for i in range(3):
+            streams.open(i, [{"role": "user", "content": f"Say {i} forever."}], CONTEXT - 100)
+            wait_for_queue(srv, running=1, waiting=i)
+        assert srv.http.post(ENDPOINT, json={"messages": MESSAGES, "max_tokens": 1}).status_code == 429
+        for i in range(3):
+            assert streams.first[i].wait(timeout=10), i
+            assert not any(streams.first[k].is_set() for k in range(i + 1, 3)), i  # the later ones wait
+            streams.close[i].set()
+        streams.join()
+        single, steps = steps_of_one_sequence(srv)
+        assert single == steps > 0
+    finally:
+        streams.close_all()
+        stop_server(srv)
+
+
+def test_shutting_down_ends_every_stream_with_an_error_event_at_once(tiny, tmp_path):
     srv = start_server(tiny, tmp_path)
     try:
-        stream = srv.chat(max_tokens=CONTEXT - 100, stream=True)
-        next(iter(stream))  # generating
+        streams = [srv.chat([{"role": "user", "content": f"Say {i} forever."}], max_tokens=CONTEXT - 100,
+                            stream=True) for i in range(2)]
+        for stream in streams:
+            next(iter(stream))  # generating
         srv.process.terminate()
         started = time.monotonic()
-        with pytest.raises(openai.APIError, match="shutting down"):
-            for _ in stream:
-                pass
+        for stream in streams:
+            with pytest.raises(openai.APIError, match="shutting down"):
+                for _ in stream:
+                    pass
         srv.process.wait(timeout=20)
         assert time.monotonic() - started < 5  # not the 5 s graceful timeout, nor the whole reply
     finally:

@@ -1,5 +1,6 @@
 """`dllama-api` over a real two-node cluster on 127.0.0.1: a `dllama worker` process is killed
-mid-generation and restarted, and the server rides it out without a restart.
+while every sequence slot is generating, and restarted; the server fails what was running, rides
+the loss out without a restart, and serves every slot again.
 
 The tiny model is converted with f32 weights: its 32-wide expert slices cannot be cut into two
 whole Q40 blocks.
@@ -21,7 +22,8 @@ import pytest
 from dllama.convert import convert
 from dllama.testing.checkpoint import make_checkpoint
 
-from test_api import CONTEXT, MESSAGES, _free_port, start_server, stop_server  # the same server, over a cluster
+# the same server, over a cluster
+from test_api import CONTEXT, MESSAGES, PARALLEL, _free_port, start_server, stop_server, wait_for_queue
 
 REPLY_TOKENS = 8
 
@@ -92,37 +94,65 @@ def cluster(tmp_path_factory):
         worker.stop()
 
 
-def test_a_lost_worker_fails_requests_names_itself_and_the_server_reconnects(cluster):
+def ask_at_once(srv, n: int, **kwargs) -> list:
+    """n chat requests sent together from threads: their responses (or errors), in order."""
+    out: list = [None] * n
+
+    def ask(i: int) -> None:
+        try:
+            out[i] = srv.chat(**kwargs)
+        except Exception as e:  # noqa: BLE001 - the caller looks at it
+            out[i] = e
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return out
+
+
+def test_a_lost_worker_fails_every_running_request_and_every_slot_recovers(cluster):
     srv, worker = cluster
     address = f"127.0.0.1:{worker.port}"
     health = srv.health().json()
     assert health["workers"] == [{"address": address, "up": True}]
     before = srv.chat(max_tokens=REPLY_TOKENS).choices[0].message.content
 
-    # one request generating (a stream), one waiting behind it
-    stream = srv.chat(max_tokens=CONTEXT - 100, stream=True)
-    next(iter(stream))
-    queued: dict[str, httpx.Response] = {}
-    waiting = threading.Thread(target=lambda: queued.update(r=srv.http.post(
-        "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})))
-    waiting.start()
-    deadline = time.monotonic() + 10
-    while srv.health().json()["queue"]["waiting"] != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    # every slot generating (streams and one whole reply), one request waiting behind them
+    streams = [srv.chat([{"role": "user", "content": f"Say {i} forever."}], max_tokens=CONTEXT - 100, stream=True)
+               for i in range(PARALLEL - 1)]
+    for stream in streams:
+        next(iter(stream))
+    answers: dict[str, httpx.Response] = {}
+
+    def post(name: str, max_tokens: int) -> None:
+        answers[name] = srv.http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": max_tokens})
+
+    posts = [threading.Thread(target=post, args=("whole", CONTEXT - 100))]
+    posts[0].start()
+    wait_for_queue(srv, running=PARALLEL, waiting=0)
+    posts.append(threading.Thread(target=post, args=("waiting", 2)))
+    posts[1].start()
+    wait_for_queue(srv, running=PARALLEL, waiting=1)
 
     worker.kill()
-    with pytest.raises(openai.APIError) as error:
-        for _ in stream:
-            pass
-    assert address in str(error.value)
-    waiting.join(timeout=30)
-    assert queued["r"].status_code == 503 and queued["r"].headers["Retry-After"]
+    for stream in streams:
+        with pytest.raises(openai.APIError) as error:
+            for _ in stream:
+                pass
+        assert address in str(error.value)
+    for t in posts:
+        t.join(timeout=30)
+    for name in ("whole", "waiting"):
+        assert answers[name].status_code == 503 and answers[name].headers["Retry-After"], name
+    assert address in answers["whole"].json()["error"]["message"]
 
     down = srv.health()
     assert down.status_code == 503
     assert address in down.json()["reason"]
     assert down.json()["workers"] == [{"address": address, "up": False}]
+    assert down.json()["queue"]["running"] == 0
     assert srv.metric("dllama_worker_up", address=address) == 0 and srv.metric("dllama_cluster_up") == 0
     with pytest.raises(openai.APIStatusError) as refused:
         srv.chat(max_tokens=1)
@@ -134,5 +164,10 @@ def test_a_lost_worker_fails_requests_names_itself_and_the_server_reconnects(clu
         assert time.monotonic() < deadline, srv.health().json()
         time.sleep(0.1)
     assert srv.metric("dllama_worker_up", address=address) == 1
-    assert srv.chat(max_tokens=REPLY_TOKENS).choices[0].message.content == before
+    again = srv.chat(max_tokens=REPLY_TOKENS)
+    assert again.usage.prompt_tokens_details.cached_tokens == 0  # no slot trusts what the lost engine held
+    assert again.choices[0].message.content == before
+    # every slot at once: each gives the answer one gave before the loss
+    replies = ask_at_once(srv, PARALLEL, max_tokens=REPLY_TOKENS)
+    assert [r.choices[0].message.content for r in replies] == [before] * PARALLEL, replies
     assert srv.process.poll() is None

@@ -14,11 +14,12 @@ import pytest
 
 from dllama import Engine
 from dllama.convert import convert
-from dllama.generate import generate
+from dllama.generate import PrefixCache, generate
 from dllama.sampler import Sampler
 from dllama.server.errors import ApiError
 from dllama.server.host import EngineDown, EngineHost, WorkerLost
-from dllama.server.scheduler import Job, PrefixCache, QueueFull, Scheduler
+from dllama.server.jobs import Job
+from dllama.server.scheduler import QueueFull, Scheduler
 from dllama.server.schemas import Sampling, chat_request, completion_request, parse_json
 from dllama.server.text import (CONTENT, REASONING, ReasoningSplitter, ReplyText, StopStrings, join,
                                 reasoning_mode)
@@ -287,7 +288,7 @@ def test_requests_are_refused_while_the_host_is_down(tiny, tokenizer):
 
     host = EngineHost(factory, workers=["10.0.0.2:9999"], min_backoff=0.05, max_backoff=0.1)
     host.start()
-    scheduler = Scheduler(host, tokenizer, queue_size=2)
+    scheduler = Scheduler(host, tokenizer, queue_size=2, parallel=1, prefill_chunk=64)
     try:
         with pytest.raises(WorkerLost):
             host.run(lose_a_worker)
@@ -306,7 +307,7 @@ def test_requests_are_refused_while_the_host_is_down(tiny, tokenizer):
 def test_the_queue_admits_queue_size_requests(tiny, tokenizer):
     host = EngineHost(lambda: Engine(tiny[1], nthreads=1, max_seq_len=64))
     host.start()
-    scheduler = Scheduler(host, tokenizer, queue_size=2)  # not started: jobs stay queued
+    scheduler = Scheduler(host, tokenizer, queue_size=2, parallel=1, prefill_chunk=64)  # not started: jobs wait
     try:
         jobs = [Job(prompt_ids=[1], sampling=DEFAULTS, emit=lambda event: None) for _ in range(3)]
         scheduler.submit(jobs[0])
@@ -317,5 +318,19 @@ def test_the_queue_admits_queue_size_requests(tiny, tokenizer):
         scheduler.cancel(jobs[0])  # a client that leaves frees its place at once
         scheduler.submit(jobs[2])
         assert scheduler.counts() == (2, 0)
+    finally:
+        host.close()
+
+
+def test_the_queue_admits_at_least_parallel_requests(tiny, tokenizer):
+    host = EngineHost(lambda: Engine(tiny[1], nthreads=1, max_seq_len=64, max_sequences=3))
+    host.start()
+    scheduler = Scheduler(host, tokenizer, queue_size=1, parallel=3, prefill_chunk=64)  # not started
+    try:
+        assert scheduler.queue_size == 3
+        for _ in range(3):
+            scheduler.submit(Job(prompt_ids=[1], sampling=DEFAULTS, emit=lambda event: None))
+        with pytest.raises(QueueFull):
+            scheduler.submit(Job(prompt_ids=[1], sampling=DEFAULTS, emit=lambda event: None))
     finally:
         host.close()

@@ -2,7 +2,9 @@
 
     main.py       the command: flags, loading (with dllama.launch), uvicorn
     host.py       the engine behind a holder: up/down state, worker loss, the reconnect loop
-    scheduler.py  the bounded queue, the one engine thread, the prefix cache
+    scheduler.py  the bounded queue in front of the one engine thread
+    batch.py      the running requests, one per sequence slot (each with its prefix cache), one step
+    jobs.py       a request as the engine thread sees it, the events it sends back
     text.py       tokens -> text deltas: stop strings, <think> reasoning split
     schemas.py    request validation (OpenAI's fields, OpenAI-shaped errors)
     errors.py     ApiError: an HTTP status plus OpenAI's error body

@@ -31,7 +31,8 @@ from starlette.routing import Route
 from .errors import ApiError, bad_request, unavailable
 from .host import EngineDown, EngineHost
 from .metrics import CONTENT_TYPE, Live, Metrics
-from .scheduler import Failed, Finished, Job, QueueFull, Scheduler, Started
+from .jobs import Failed, Finished, Job, Started
+from .scheduler import QueueFull, Scheduler
 from .schemas import Sampling, chat_request, completion_request, parse_json
 from .text import CONTENT, REASONING, Delta, join, reasoning_mode
 
@@ -82,8 +83,8 @@ def live_figures(host: EngineHost, scheduler: Scheduler) -> Callable[[], Live]:
     def live() -> Live:
         waiting, running = scheduler.counts()
         state = host.state
-        return Live(waiting=waiting, running=running, queue_size=scheduler.queue_size, up=state.up,
-                    workers=dict(state.workers))
+        return Live(waiting=waiting, running=running, parallel=scheduler.parallel, queue_size=scheduler.queue_size,
+                    up=state.up, workers=dict(state.workers))
     return live
 
 
@@ -150,7 +151,8 @@ class _Api:
             "model": self.config.model_name,
             "context_length": self.config.context_length,
             "workers": [{"address": a, "up": up} for a, up in state.workers.items()],
-            "queue": {"waiting": waiting, "running": running, "size": self.scheduler.queue_size},
+            "queue": {"waiting": waiting, "running": running, "parallel": self.scheduler.parallel,
+                      "size": self.scheduler.queue_size},
         }
         if state.up:
             return JSONResponse(body)

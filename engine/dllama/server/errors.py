@@ -36,3 +36,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def unavailable(message: str, retry_after: int = 5) -> ApiError:
     return ApiError(503, message, type="service_unavailable", code="service_unavailable",
                     headers={"Retry-After": str(retry_after)})
+
+
+def internal_error(error: BaseException) -> ApiError:
+    """A bug of ours, named for the log reader (the client sees a 500)."""
+    return ApiError(500, f"internal error: {type(error).__name__}: {error}", type="server_error",
+                    code="internal_error")

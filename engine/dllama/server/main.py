@@ -1,7 +1,7 @@
 """`dllama-api`: the model (one node or the cluster) behind an OpenAI-compatible HTTP server.
 
     dllama-api --model m.m --tokenizer tok/ --buffer-float-type q80 --nthreads 4 --max-seq-len 4096 \\
-        --workers 10.0.0.2:9999 10.0.0.3:9999 --port 8080 --api-key-file /etc/dllama/api-key
+        --workers 10.0.0.2:9999 10.0.0.3:9999 --port 8080 --api-key-file /etc/dllama/api-key --parallel 4
 
 Any OpenAI client (Open WebUI, the `openai` library, curl) then talks to http://ROOT:8080/v1.
 The pieces live beside this module in dllama.server; this one reads the flags, loads the
@@ -37,6 +37,8 @@ PROG = "dllama-api"
 EXIT_INTERRUPTED = 130
 DEFAULT_PORT = 8080
 DEFAULT_QUEUE_SIZE = 8
+DEFAULT_PARALLEL = 4
+DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per step: a running stream waits at most for that many
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_TIMEOUT_SECONDS = 3600  # longer is a typo, and call_later of a huge delay is no timeout at all
 
@@ -55,9 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})")
     g.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="file holding the key clients send as 'Authorization: Bearer KEY' (default: no key)")
+    g.add_argument("--parallel", type=positive_int, default=DEFAULT_PARALLEL, metavar="N",
+                   help="requests generated at once, each in its own sequence of the KV cache (allocated up "
+                        "front for all N: the start-up line prints its size), all advanced by the same "
+                        f"forward steps; 1 serves one request at a time (default: {DEFAULT_PARALLEL})")
+    g.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help="prompt tokens evaluated per step, shared by the requests still reading their prompts "
+                        "(oldest first): a long prompt goes in pieces between the running requests' tokens "
+                        f"(default: {DEFAULT_PREFILL_CHUNK})")
     g.add_argument("--queue-size", type=positive_int, default=DEFAULT_QUEUE_SIZE, metavar="N",
-                   help="requests admitted at once, the running one included; more get 429 "
-                        f"(default: {DEFAULT_QUEUE_SIZE})")
+                   help="requests admitted at once, the running ones included; more get 429. At least "
+                        f"--parallel: a smaller N counts as --parallel (default: {DEFAULT_QUEUE_SIZE})")
     g.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model's id in /v1/models and responses (default: the model file's name)")
     g.add_argument("--max-request-bytes", type=positive_int, default=None, metavar="N",
@@ -101,22 +111,30 @@ def serve(args: argparse.Namespace) -> int:
 
     prometheus_client.disable_created_metrics()  # no *_created series: they only add noise
     launch.note_ignored_flags(PROG, args)
+    _check_parallel(args)
     defaults = _sampling_defaults(args)
     api_key = _read_api_key(args.api_key_file) if args.api_key_file else None
     limits = _connection_limits(args)
     model, tokenizer = launch.load_tokenizer(args)
     header = _model_header(model, tokenizer)
-    host = EngineHost(lambda: launch.open_engine(args, model),
+    host = EngineHost(lambda: launch.open_engine(args, model, max_sequences=args.parallel),
                       workers=[w.partition("@")[0] for w in args.workers])  # HOST:PORT[@weight]
     host.start()
     try:
         config = _server_config(args, model, header, _context_length(host, args, header), defaults, api_key)
-        scheduler, app = _app(config, host, tokenizer, args.queue_size)
-        _say_serving(args, config)
+        scheduler, app = _app(config, host, tokenizer, args)
+        _say_serving(args, config, scheduler)
         _run(app, args, limits, on_shutdown=scheduler.drain)
         return 0
     finally:
         host.close()
+
+
+def _check_parallel(args: argparse.Namespace) -> None:
+    from dllama.engine import MAX_SEQUENCES
+
+    if args.parallel > MAX_SEQUENCES:
+        raise launch.LaunchError(f"--parallel is at most {MAX_SEQUENCES}, got {args.parallel}")
 
 
 def _sampling_defaults(args: argparse.Namespace) -> Sampling:
@@ -175,24 +193,27 @@ def _server_config(args: argparse.Namespace, model: Path, header: ModelConfig, c
     )
 
 
-def _app(config: ServerConfig, host: EngineHost, tokenizer: Tokenizer, queue_size: int) -> tuple[Scheduler, Any]:
+def _app(config: ServerConfig, host: EngineHost, tokenizer: Tokenizer, args: argparse.Namespace
+         ) -> tuple[Scheduler, Any]:
     """The scheduler in front of the engine, the starlette app in front of the scheduler."""
     from .app import create_app, live_figures
     from .metrics import Metrics
     from .scheduler import Scheduler
 
-    scheduler = Scheduler(host, tokenizer, queue_size=queue_size)
+    scheduler = Scheduler(host, tokenizer, queue_size=args.queue_size, parallel=args.parallel,
+                          prefill_chunk=args.prefill_chunk)
     metrics = Metrics(live_figures(host, scheduler))
     scheduler.metrics = metrics
     return scheduler, create_app(config, host, scheduler, tokenizer, metrics)
 
 
-def _say_serving(args: argparse.Namespace, config: ServerConfig) -> None:
+def _say_serving(args: argparse.Namespace, config: ServerConfig, scheduler: Scheduler) -> None:
     if config.api_key is None and args.host not in LOOPBACK:
         print(f"{PROG}: note: no --api-key-file: anyone who can reach port {args.port} can use the model; "
               f"pass --api-key-file FILE (or --host 127.0.0.1)", file=sys.stderr)
-    print(f"{PROG}: serving {config.model_name} (context {config.context_length}, queue {args.queue_size}) on "
-          f"http://{_url_host(args.host)}:{args.port}/v1", file=sys.stderr, flush=True)
+    print(f"{PROG}: serving {config.model_name} (context {config.context_length}, parallel {scheduler.parallel}, "
+          f"queue {scheduler.queue_size}) on http://{_url_host(args.host)}:{args.port}/v1", file=sys.stderr,
+          flush=True)
 
 
 def _run(app: Any, args: argparse.Namespace, limits: ConnectionLimits, on_shutdown: Callable[[], None]) -> None:

@@ -1,13 +1,18 @@
-"""One engine, many clients: a bounded queue in front of one engine thread, and a prefix cache.
+"""One engine, many clients: a bounded queue in front of one engine thread that generates up to
+`parallel` requests at once, one step for all of them.
 
     HTTP handlers (event loop)                      engine thread (one, owns the engine)
-    submit(job) -> 429 when queue_size are in  -->  pops the oldest job, reuses the KV cache for
-    await job events <--------------------------   the longest common prefix, prefills the rest,
-    cancel(job) when the client leaves              generates token by token: Started, Delta...,
-                                                    then Finished or Failed
+    submit(job) -> 429 when queue_size are in  -->  each step: the oldest waiting jobs take the
+    await job events <--------------------------   free slots (batch.py), then one engine step
+    cancel(job) when the client leaves              advances every running job: Started,
+                                                    Delta..., then Finished or Failed
 
-queue_size counts every admitted request, the running one included: with --queue-size 4, four
-clients are served (one generating, three waiting) and a fifth gets 429 with Retry-After.
+queue_size counts every admitted request, the running ones included, and is at least `parallel`:
+with --parallel 4 --queue-size 8, four clients are generating, four wait and a ninth gets 429 with
+Retry-After. With --parallel 1 requests run one at a time, in the order they came.
+
+A lost worker fails every running request (503) and clears every slot's cache; the host
+reconnects meanwhile, and waiting requests get 503 while it is down.
 
 The engine thread never blocks the event loop: events cross with loop.call_soon_threadsafe, and
 the native forward pass releases the GIL while it runs.
@@ -19,64 +24,14 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from ..generate import PrefixCache, generate
-from ..sampler import Sampler
-from .errors import ApiError, unavailable
+from .batch import Batch
+from .errors import internal_error, unavailable
 from .host import EngineDown, EngineHost, WorkerLost
-from .schemas import Sampling
-from .text import ReplyText
+from .jobs import CANCELLED, DONE, QUEUED, RUNNING, Failed, Job
 
 log = logging.getLogger("dllama.api")
-
-QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
-
-
-# events, from the engine thread to the request's handler
-
-
-@dataclass(frozen=True)
-class Started:
-    cached_tokens: int  # prompt tokens reused from the previous sequence's KV cache
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: str  # "stop" (eos or a stop string) or "length"
-    usage: Usage
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: ApiError
-
-
-@dataclass(eq=False)
-class Job:
-    prompt_ids: list[int]
-    sampling: Sampling  # max_tokens resolved: prompt + max_tokens fits in the context
-    emit: Callable[[Any], None]  # thread-safe: hands an event to the request's handler
-    reasoning: str | None = None  # None: plain text (completions); else the ReasoningSplitter mode
-    state: str = QUEUED
-    cancelled: threading.Event = field(default_factory=threading.Event)  # stop at the next token
-    abort: ApiError | None = None  # why it was stopped, when someone is still listening
 
 
 class QueueFull(Exception):
@@ -86,20 +41,31 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, host: EngineHost, tokenizer: Any, *, queue_size: int, metrics: Any = None) -> None:
+    def __init__(self, host: EngineHost, tokenizer: Any, *, queue_size: int, parallel: int, prefill_chunk: int,
+                 metrics: Any = None) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, got {parallel}")
         self.host = host
         self.tokenizer = tokenizer
-        self.queue_size = queue_size
-        self.metrics = metrics
-        self.cache = PrefixCache()
+        self.parallel = parallel
+        self.queue_size = max(queue_size, parallel)  # a running request is an admitted one
+        self.batch = Batch(parallel, tokenizer, prefill_chunk=prefill_chunk, metrics=metrics)
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self._closed = False
         self._seconds_per_job = 5.0  # moving average, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="dllama-engine", daemon=True)
+
+    @property
+    def metrics(self) -> Any:
+        return self.batch.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Any) -> None:  # the registry reads the scheduler: it comes second
+        self.batch.metrics = metrics
 
     # the handlers' side
 
@@ -107,18 +73,17 @@ class Scheduler:
         self._thread.start()
 
     def drain(self) -> None:
-        """Shutting down: refuse new jobs, fail the waiting ones, end the running one at its next
-        token with an error, so no client waits for a generation that will not finish."""
+        """Shutting down: refuse new jobs, fail the waiting ones, end the running ones at the
+        next step with an error, so no client waits for a generation that will not finish."""
         error = unavailable("The server is shutting down.")
         with self._cond:
             self._closed = True
             queued, self._queue = list(self._queue), deque()
             for job in queued:
                 job.state = CANCELLED
-            running = self._running
-            if running is not None:
-                running.abort = error
-                running.cancelled.set()
+            for job in self._running:
+                job.abort = error
+                job.cancelled.set()
             self._cond.notify_all()
         for job in queued:
             job.emit(Failed(error))
@@ -136,7 +101,7 @@ class Scheduler:
             state = self.host.state
             if not state.up:
                 raise EngineDown(state.reason)
-            admitted = len(self._queue) + (self._running is not None)
+            admitted = len(self._queue) + len(self._running)
             if admitted >= self.queue_size:
                 raise QueueFull(self._retry_after(admitted))
             job.state = QUEUED
@@ -144,7 +109,7 @@ class Scheduler:
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client left: a waiting job leaves the queue, a running one stops at its next token."""
+        """The client left: a waiting job leaves the queue, a running one its slot at the next step."""
         with self._cond:
             if job.state == QUEUED:
                 job.state = CANCELLED
@@ -157,81 +122,52 @@ class Scheduler:
     def counts(self) -> tuple[int, int]:
         """(waiting, running)."""
         with self._cond:
-            return len(self._queue), int(self._running is not None)
+            return len(self._queue), len(self._running)
 
     def _retry_after(self, admitted: int) -> int:
-        return max(1, min(120, math.ceil(self._seconds_per_job * admitted)))
+        rounds = math.ceil(admitted / self.parallel)  # the ones ahead run `parallel` at a time
+        return max(1, min(120, math.ceil(self._seconds_per_job * rounds)))
 
     # the engine thread
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not self._queue and not self._running and not self._closed:
                     self._cond.wait()
-                if self._closed:
+                if self._closed and not self._running:
                     return
-                job = self._queue.popleft()
-                job.state = RUNNING
-                self._running = job
-            started = time.perf_counter()
-            try:
-                self._serve(job)
-            finally:
-                elapsed = time.perf_counter() - started
-                with self._cond:
-                    job.state = DONE
-                    self._running = None
-                    self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed
+                joining = []
+                while self._queue and len(self._running) < self.parallel:
+                    job = self._queue.popleft()
+                    job.state = RUNNING
+                    job.started = time.perf_counter()
+                    self._running.append(job)
+                    joining.append(job)
+            for job in joining:
+                self.batch.join(job)
+            self._step()
+            self._release()
 
-    def _serve(self, job: Job) -> None:
+    def _step(self) -> None:
         try:
-            self.host.run(lambda engine: self._generate(engine, job))
+            self.host.run(self.batch.step)
         except WorkerLost as e:
-            self.cache.clear()
-            job.emit(Failed(unavailable(f"The cluster lost a worker ({e}); reconnecting, retry shortly.")))
+            self.batch.fail_all(unavailable(f"The cluster lost a worker ({e}); reconnecting, retry shortly."))
         except EngineDown as e:
-            self.cache.clear()
-            job.emit(Failed(unavailable(f"The engine is down ({e}); retry shortly.")))
-        except Exception as e:  # noqa: BLE001 - one request's failure must not end the engine thread
+            self.batch.fail_all(unavailable(f"The engine is down ({e}); retry shortly."))
+        except Exception as e:  # noqa: BLE001 - a failed step must not end the engine thread
             log.exception("generation failed")
-            self.cache.clear()
-            job.emit(Failed(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error",
-                                     code="internal_error")))
+            self.batch.fail_all(internal_error(e))
 
-    def _generate(self, engine: Any, job: Job) -> None:
-        sampling = job.sampling
-        cached = self.cache.reuse(engine, job.prompt_ids)
-        fresh = job.prompt_ids[cached:]
-        job.emit(Started(cached))
-        reply = ReplyText(self.tokenizer, sampling.stop, job.reasoning)
-        cut_short = False  # the client left, or the server is shutting down
-
-        def on_token(token: int) -> bool | None:
-            nonlocal cut_short
-            if job.cancelled.is_set():
-                cut_short = True
-                return True
-            deltas, stopped = reply.push(token)
-            for delta in deltas:
-                job.emit(delta)
-            return stopped or None
-
-        sampler = Sampler(temperature=sampling.temperature, topp=sampling.top_p, seed=sampling.seed)
-        try:
-            result = generate(engine, fresh, steps=sampling.max_tokens, sampler=sampler,
-                              eos_ids=self.tokenizer.eos_ids, on_token=on_token)
-        except BaseException:
-            self.cache.clear()
-            raise
-        self.cache.record(engine, fresh + result.tokens)
-        if self.metrics is not None:
-            self.metrics.generation(prompt_tokens=len(job.prompt_ids), cached_tokens=cached, result=result)
-        if cut_short:
-            if job.abort is not None:
-                job.emit(Failed(job.abort))
-            return
-        for delta in reply.finish():
-            job.emit(delta)
-        finish_reason = "stop" if reply.stopped else result.finish_reason
-        job.emit(Finished(finish_reason, Usage(len(job.prompt_ids), len(result.tokens), cached)))
+    def _release(self) -> None:
+        """The jobs that left the batch in the last step leave the running list: their places go
+        to waiting jobs at the next step."""
+        still = self.batch.jobs()
+        now = time.perf_counter()
+        with self._cond:
+            ended = [job for job in self._running if job not in still]
+            for job in ended:
+                job.state = DONE
+                self._running.remove(job)
+                self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (now - job.started)
