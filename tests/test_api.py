@@ -490,6 +490,13 @@ def test_a_missing_model_file_is_one_line_and_exit_1(tmp_path):
     assert "model file not found" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_more_parallel_sequences_than_the_engine_holds_is_one_line_and_exit_1(tmp_path):
+    run = subprocess.run([*_api_command(), "--model", tmp_path / "missing.m", "--parallel", "257"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "--parallel is at most 256, got 257" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_the_server_starts_as_dllama_does(tiny, tmp_path):
     """One launcher: the same notes on ignored and mismatched flags, the same line describing the
     model, each under its own command's name."""

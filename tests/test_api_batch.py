@@ -1,14 +1,15 @@
 """dllama-api's batch below HTTP: which tokens each running request feeds a step, which slot a new
-request takes, and requests joining and leaving a real engine's steps (tiny Qwen3-MoE, real
-Qwen3 tokenizer), each getting the text it gets alone.
+request takes, and requests joining and leaving a real engine's steps (test_api_units' tiny
+Qwen3-MoE and real Qwen3 tokenizer), each getting the text it gets alone.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from dllama import Engine
-from dllama.convert import convert
 from dllama.generate import Generation, generate
 from dllama.sampler import Candidates, Sampler
 from dllama.server.batch import Batch, plan_step
@@ -16,24 +17,10 @@ from dllama.server.jobs import Failed, Finished, Job, Started
 from dllama.server.metrics import Window
 from dllama.server.schemas import Sampling
 from dllama.server.text import CONTENT, Delta, ReplyText, join
-from dllama.testing.checkpoint import make_checkpoint
-from dllama.tokenizer import Tokenizer
+
+from test_api_units import tiny, tokenizer  # noqa: F401 - the same tiny model and tokenizer
 
 GREEDY = Sampling(max_tokens=None, temperature=0, top_p=1.0, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api-batch")
-    hf = make_checkpoint(root / "hf", preset="tiny", arch="qwen3_moe", seed=4)
-    model = root / "tiny.m"
-    convert(hf, model, weights="q40", progress=False)
-    return hf, model
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    return Tokenizer.load(tiny[0])
 
 
 def generation(prompt_len: int, seq: int = 0) -> Generation:
@@ -68,8 +55,6 @@ class Events:
 
 
 def job(ids: list[int], max_tokens: int = 8) -> Job:
-    from dataclasses import replace
-
     return Job(prompt_ids=list(ids), sampling=replace(GREEDY, max_tokens=max_tokens), emit=Events())
 
 
