@@ -15,8 +15,39 @@ from dllama.cluster.protocol import WEIGHT_HEADER, Channel, Frame, ProtocolError
 from dllama.cluster.root import ROOT, WORKER
 from dllama.model_file import ModelFile
 
-STEP_HEADER = struct.Struct("<Iiiif")  # magic, pos, n_tokens, output, temperature (native/cluster.h)
+# the data plane's step (native/cluster.h): a header, then its entries and tokens in one message
+STEP_MAGIC = 0x5354504C
+STEP_HEADER = struct.Struct("<Iiii")  # magic, stop, n_entries, n_tokens
+STEP_ENTRY = struct.Struct("<iiiif")  # seq, pos, n_tokens, output, temperature
+NONE, LOGITS, CANDIDATES = 0, 1, 2  # an entry's output
 TOPK = 64
+
+
+def step_message(tokens, output: int, temperature: float = 1.0, pos: int = 0, seq: int = 0) -> tuple[bytes, bytes]:
+    """A one-entry step as a root sends it: (header, body)."""
+    tokens = np.asarray(tokens, dtype=np.int32)
+    return (STEP_HEADER.pack(STEP_MAGIC, 0, 1, tokens.size),
+            STEP_ENTRY.pack(seq, pos, tokens.size, output, temperature) + tokens.tobytes())
+
+
+STOP_MESSAGE = STEP_HEADER.pack(STEP_MAGIC, 1, 0, 0)
+
+
+def read_step(recv) -> tuple[list[tuple[int, int, int, int, float]], np.ndarray] | None:
+    """A step off the data plane through recv(n) (one message each call): its entries and tokens,
+    or None for the root's stop."""
+    _magic, stop, n_entries, n_tokens = STEP_HEADER.unpack(recv(STEP_HEADER.size))
+    if stop:
+        return None
+    body = recv(n_entries * STEP_ENTRY.size + 4 * n_tokens)
+    entries = [STEP_ENTRY.unpack_from(body, i * STEP_ENTRY.size) for i in range(n_entries)]
+    return entries, np.frombuffer(body[n_entries * STEP_ENTRY.size:], dtype=np.int32)
+
+
+def core_step(core, tokens, pos: int, output: int, temperature: float = 1.0, seq: int = 0):
+    """A native core's step of one entry: None, the logits, or the nodes' top-k parts."""
+    return core.step(np.array([seq]), np.array([pos]), np.array([len(tokens)]), np.asarray(tokens),
+                     np.array([int(output)]), np.array([temperature], dtype=np.float32))[0]
 
 
 def rss_kib(pid: int, field: str = "VmHWM") -> int:
@@ -119,10 +150,11 @@ class ScriptedWorker:
         data = DataPlane(conn, data_key if config.get("data_mac", True) else None, 1)
         q80 = config["q80"]
         while True:
-            _magic, _pos, n, output, _t = STEP_HEADER.unpack(data.recv(STEP_HEADER.size))
-            if output == 3:
+            step = read_step(data.recv)
+            if step is None:
                 return
-            data.recv(4 * n)
+            entries, tokens = step
+            n, output = tokens.size, entries[0][3]
             row = self.dim // 32 * 34 if q80 else self.dim * 4
             zeros = bytes(row * n) if not q80 else b"".join(_q80_zero_row(self.dim) for _ in range(n))
             for _ in range(2 * self.layers):

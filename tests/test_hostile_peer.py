@@ -60,11 +60,13 @@ ROOT_SCRIPT = """
 import sys
 from dllama import Engine
 from dllama.cluster.errors import WorkerLost
+from dllama.engine import TOPK, Entry
 from dllama.sampler import Sampler
 try:
     with Engine(sys.argv[1], nthreads=1, max_seq_len=64, workers=[sys.argv[2]], cluster_key_file=sys.argv[3],
                 progress=False) as e:
-        print("token", e.next_token([1, 2, 3], Sampler(temperature=0.8, seed=1)))
+        [candidates] = e.step([Entry(0, [1, 2, 3], TOPK, 0.8)])
+        print("token", Sampler(temperature=0.8, seed=1).sample_candidates(*candidates))
 except WorkerLost as e:
     print("WorkerLost:", e)
 """

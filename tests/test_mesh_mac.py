@@ -21,17 +21,16 @@ from dllama.cluster.slices import node_tensors
 from dllama.native import bind_tensor, native_config, native_plan
 from dllama.model_file import ModelFile
 from dllama.testing.checkpoint import make_model_file
+from hostile_peers import (CANDIDATES, LOGITS, NONE, STEP_ENTRY, STEP_HEADER, STOP_MESSAGE, core_step, read_step,
+                           step_message)
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 ROOT_KEYS = [b"", KEY]  # the root's (node 0) keys in a two-node cluster
 TAG = 16
 WORKER = "worker 127.0.0.1:7"  # how the root's mesh names node 1
-STEP = struct.Struct("<IiiIf")  # StepHeader: magic, pos, n_tokens, output, temperature
-MAGIC = 0x5354504C
 TOP_K = 64
 TOPK = struct.Struct(f"<{TOP_K}i{TOP_K}ffi")  # TopK: ids, logits, log_norm, count (520 bytes)
-NONE, LOGITS, CANDIDATES, STOP = 0, 1, 2, 3
 PROMPT = [9707, 11, 1879, 0, 3838]
 VOCAB_END = 151936  # the tiny preset's vocabulary; the worker's slice of two nodes ends there
 
@@ -99,9 +98,7 @@ class ScriptedWorker(Peer):
         self.dim, self.layers = dim, layers
 
     def header(self) -> tuple[int, int, int, float]:
-        magic, pos, n, output, temperature = STEP.unpack(self.recv(STEP.size))
-        assert magic == MAGIC
-        self.tokens = np.frombuffer(self.recv(4 * n), dtype=np.int32)
+        [(_seq, pos, n, output, temperature)], self.tokens = read_step(self.recv)
         return pos, n, output, temperature
 
     def all_reduces(self, n: int, count: int | None = None) -> None:
@@ -161,7 +158,7 @@ class Cluster:
         """Runs the root's step while the worker plays `script(worker)`; returns both results."""
         played = self.pool.submit(script, self.worker)
         try:
-            result = self.core.step(tokens, pos, _core.StepOutput(output), temperature)
+            result = core_step(self.core, tokens, pos, output, temperature)
         finally:
             worker_result = played.result(timeout=20)
         return result, worker_result
@@ -207,7 +204,7 @@ def test_a_root_and_a_python_worker_agree_on_every_message_both_ways(model, keys
         else:
             assert stats["mac_seconds"] == 0
         # plain bytes without keys, payload + 16 per message with them, and nothing more on the wire
-        payload = 3 * STEP.size + 4 * 5 + (3 + 1 + 1) * model.config.dim * 4 * 2 * model.config.n_layers
+        payload = 3 * (STEP_HEADER.size + STEP_ENTRY.size) + 4 * 5 + (3 + 1 + 1) * model.config.dim * 4 * 2 * model.config.n_layers
         assert stats["sent"] == payload + (TAG * messages_to_worker if keyed else 0)
         c.worker.sock.setblocking(False)
         with pytest.raises(BlockingIOError):
@@ -272,7 +269,7 @@ def test_a_plain_worker_cannot_talk_to_a_keyed_root(model):
     c = Cluster(model)
     try:
         def script(w: ScriptedWorker) -> None:  # plain messages, as a worker without keys sends them
-            recv_exactly(w.sock, STEP.size + TAG + 4 + TAG + w.dim * 4 + TAG)
+            recv_exactly(w.sock, STEP_HEADER.size + TAG + STEP_ENTRY.size + 4 + TAG + w.dim * 4 + TAG)
             w.sock.sendall(bytes(w.dim * 4 + TAG))
         with pytest.raises(_core.NetworkError, match=f"{WORKER}: message failed authentication"):
             c.step(script, [7], NONE)
@@ -315,7 +312,7 @@ def test_masked_candidates_are_a_good_reply(cluster):
 @pytest.mark.parametrize("temperature", [math.nan, math.inf, -0.5])
 def test_the_root_refuses_a_temperature_out_of_range_before_sending_anything(cluster, temperature):
     with pytest.raises(ValueError, match="temperature"):
-        cluster.core.step([7], 0, _core.StepOutput.TOPK, temperature)
+        core_step(cluster.core, [7], 0, CANDIDATES, temperature)
     assert cluster.mesh.stats()["sent"] == 0
 
 
@@ -340,12 +337,12 @@ def serve_against(model, script, key: bytes | None = KEY) -> tuple[str, Scripted
 
 def test_a_worker_takes_a_keyed_root_and_refuses_a_tampered_step(model):
     def good_then_tampered(r: ScriptedRoot) -> None:
-        r.send(STEP.pack(MAGIC, 0, 1, NONE, 1.0))
-        r.send(struct.pack("<i", 7))
+        for message in step_message([7], NONE):
+            r.send(message)
         for _ in range(2 * model.config.n_layers):
             r.send(bytes(model.config.dim * 4))
             r.recv(model.config.dim * 4)
-        framed = bytearray(r.frame(STEP.pack(MAGIC, 1, 1, NONE, 1.0)))
+        framed = bytearray(r.frame(step_message([8], NONE, pos=1)[0]))
         framed[4] ^= 0x01
         r.sock.sendall(framed)
 
@@ -356,13 +353,13 @@ def test_a_worker_takes_a_keyed_root_and_refuses_a_tampered_step(model):
 
 @pytest.mark.parametrize("key", [KEY, None])
 def test_a_worker_ends_on_the_roots_stop(model, key):
-    reason, _ = serve_against(model, lambda r: r.send(STEP.pack(MAGIC, 0, 0, STOP, 0.0)), key)
+    reason, _ = serve_against(model, lambda r: r.send(STOP_MESSAGE), key)
     assert reason == "the root ended the session"
 
 
 @pytest.mark.parametrize("temperature", [math.nan, math.inf, -1.0])
 def test_a_worker_refuses_a_step_with_a_temperature_out_of_range(model, temperature):
-    reason, _ = serve_against(model, lambda r: r.send(STEP.pack(MAGIC, 0, 1, CANDIDATES, temperature)))
+    reason, _ = serve_against(model, lambda r: [r.send(m) for m in step_message([7], CANDIDATES, temperature)])
     assert reason == "the root sent a step out of range"
 
 
@@ -404,7 +401,7 @@ def test_three_native_nodes_with_keys_compute_what_one_node_does(model):
         served = [pool.submit(cores[i].serve, meshes[i], False) for i in range(1, nodes)]
         logits = _core.StepOutput.LOGITS
         try:
-            got = [cores[0].step(PROMPT, 0, logits), cores[0].step([11], len(PROMPT), logits)]
+            got = [core_step(cores[0], PROMPT, 0, logits), core_step(cores[0], [11], len(PROMPT), logits)]
         finally:  # the workers' loops end (on Stop, or on their step timeout), so the pool can close
             cores[0].detach()
         reasons = [f.result(timeout=20) for f in served]
