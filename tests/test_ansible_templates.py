@@ -126,7 +126,7 @@ def test_api_unit_runs_dllama_api_against_every_worker(inventory):
         "/opt/dllama/bin/dllama-api"
         " --model /var/lib/dllama/models/qwen3_30b_a3b_q40.m"
         " --tokenizer /var/lib/dllama/models/qwen3_30b_a3b_tokenizer"
-        " --buffer-float-type q80 --nthreads 4 --max-seq-len 4096"
+        " --buffer-float-type q80 --nthreads 4 --max-seq-len 4096 --parallel 4 --kv-cache-type f32"
         " --workers 10.0.0.1:9999 10.0.0.3:9999 10.0.0.4:9999"
         " --port 8080 --cluster-key-file /etc/dllama/cluster.key"
     )

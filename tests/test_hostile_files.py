@@ -126,6 +126,10 @@ REFUSED = {
     "more nodes than heads": (lambda d: d.update(nodes=5), "node 1 of 5 is out of range"),
     "positions beyond the model's": (_set("max_seq_len", 5000), "max_seq_len 5000 is out of range (1..4096)"),
     "a huge batch": (_set("max_batch", 10**6), "max_batch 1000000 is out of range (1..4096)"),
+    "a million sequences": (_set("max_sequences", 10**6), "max_sequences 1000000 is out of range (1..256)"),
+    "no sequence": (_set("max_sequences", 0), "max_sequences 0 is out of range (1..256)"),
+    "a KV cache type the core has not": (_set("kv_cache_type", "q40"), "kv_cache_type 'q40' is not one of f32, f16"),
+    "sequences as text": (_set("max_sequences", "4"), "malformed session config (TypeError"),
 }
 
 
@@ -176,6 +180,12 @@ def test_a_session_s_memory_is_the_footprint_s_worker_peak_plus_its_buffers(mode
     assert estimate.peak < need < estimate.peak + 8 * MiB
     bigger = Session(**{**session.__dict__, "max_batch": 4096})
     assert footprint.session_memory_bytes(bigger) > need + 4096 * 64 * 4 * 3
+    # every sequence has its own KV cache, half the size in f16
+    kv = footprint.kv_cache_bytes(session.config, session.slice, 256)
+    four = footprint.session_memory_bytes(Session(**{**session.__dict__, "max_sequences": 4}))
+    assert four >= need + 3 * kv
+    half = footprint.session_memory_bytes(Session(**{**session.__dict__, "max_sequences": 4, "kv_cache_type": "f16"}))
+    assert half <= four - 2 * kv
 
 
 def test_memory_above_the_limit_is_refused_naming_both_numbers(models):

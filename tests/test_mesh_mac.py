@@ -363,6 +363,32 @@ def test_a_worker_refuses_a_step_with_a_temperature_out_of_range(model, temperat
     assert reason == "the root sent a step out of range"
 
 
+def _header(n_entries: int, n_tokens: int) -> bytes:
+    return STEP_HEADER.pack(0x5354504C, 0, n_entries, n_tokens)
+
+
+BAD_STEPS = {  # a step a worker of one sequence (max_seq_len 32) must refuse, and why
+    "more entries than sequences": ([_header(2, 2)], "the root sent a step out of range"),
+    "more tokens than the cache holds": ([_header(1, 1 << 30)], "the root sent a step out of range"),
+    "no token": ([_header(1, 0)], "the root sent a step out of range"),
+    "entries that do not add up": ([_header(1, 2), STEP_ENTRY.pack(0, 0, 1, NONE, 1.0) + bytes(8)],
+                                   "the root sent a step whose entries do not add up to its tokens"),
+    "a sequence the worker has not": ([_header(1, 1), STEP_ENTRY.pack(5, 0, 1, NONE, 1.0) + bytes(4)],
+                                      "the root sent a step this node cannot run: sequence 5 is not in 0..0"),
+    "positions past the context": ([_header(1, 1), STEP_ENTRY.pack(0, 32, 1, NONE, 1.0) + bytes(4)],
+                                   "the root sent a step this node cannot run: position 32 + 1 tokens exceeds"),
+    "an output that is none of the three": ([_header(1, 1), STEP_ENTRY.pack(0, 0, 1, 3, 1.0) + bytes(4)],
+                                            "the root sent a step out of range"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEPS))
+def test_a_worker_refuses_a_step_out_of_its_range_before_sizing_anything_from_it(model, case):
+    messages, why = BAD_STEPS[case]
+    reason, _ = serve_against(model, lambda r: [r.send(m) for m in messages])
+    assert reason.startswith(why), reason
+
+
 @pytest.mark.parametrize("keys, why", [
     ([b"", KEY[:31]], "must be 32 bytes, got 31"),
     ([b"", KEY + b"x"], "must be 32 bytes, got 33"),

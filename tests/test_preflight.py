@@ -511,8 +511,9 @@ def test_memory_and_disk_for_a_model_too_large_for_this_machine(tmp_path):
     found = preflight_e2e.problem_lines(out)
     size = r"\d+(\.\d)? (GiB|MiB)"
     memory = [re.compile(rf"{n}: {size} of memory available but its part of huge\.m needs {size} \({size} of weights "
-                         rf"as 1 of 3 nodes, {size} KV cache for 1024 tokens, 150 MiB runtime\): add nodes, lower "
-                         r"api_max_seq_len, or free memory on it") for n in ("n-root", "n-w1", "n-w2")]
+                         rf"as 1 of 3 nodes, {size} KV cache for 4 sequences of 1024 tokens, 150 MiB runtime\): add "
+                         r"nodes, lower api_max_seq_len, api_parallel, or free memory on it")
+              for n in ("n-root", "n-w1", "n-w2")]
     disk = re.compile(rf"n-root: {size} free on .+ but {re.escape(str(tmp_path))}/on-the-root/models/huge\.m needs "
                       r"1\d\d\d\.\d GiB \(huge\.m\): free space there or set dllama_model_path to a larger filesystem")
     assert preflight_e2e.match_lines(found, memory + [disk]) == [], "\n".join(found)

@@ -394,14 +394,16 @@ def read_model(src: str, url: str) -> dict:
     return {"header": header, "name": url.rstrip("/").rsplit("/", 1)[-1]}
 
 
-def memory_problems(nodes, order: list[str], header, model_name: str, max_seq_len, footprint
-                    ) -> tuple[list[str], list[str]]:
-    """Every node has MemAvailable for its share of the weights, its KV cache and the runtime;
-    a worker short of its first load's peak (no cached slice yet) gets a warning.
-    `order` is the cluster's node order, root first (the API's --workers order).
-    Returns (problems, warnings)."""
+def memory_problems(nodes, order: list[str], header, model_name: str, max_seq_len, footprint, parallel=1,
+                    kv_cache_type: str = "f32") -> tuple[list[str], list[str]]:
+    """Every node has MemAvailable for its share of the weights, its KV cache (`parallel`
+    sequences, dllama-api --parallel) and the runtime; a worker short of its first load's peak (no
+    cached slice yet) gets a warning. `order` is the cluster's node order, root first (the API's
+    --workers order). Returns (problems, warnings)."""
+    sequences = _int(parallel) or 1
     try:
-        prints = footprint.node_footprints(header, [1.0] * len(order), _int(max_seq_len))
+        prints = footprint.node_footprints(header, [1.0] * len(order), _int(max_seq_len), sequences,
+                                           kv_cache_type if kv_cache_type in footprint.KV_BYTES else "f32")
     except ValueError as e:
         return [f"{len(order)} nodes cannot share {model_name}: {e}"], []
     positions = footprint.max_seq_len_of(header.config, _int(max_seq_len))
@@ -422,9 +424,13 @@ def memory_problems(nodes, order: list[str], header, model_name: str, max_seq_le
         problems.append(
             f"{name}: {_size(available)} of memory available but its part of {model_name} needs "
             f"{_size(fp.total)} ({_size(fp.weights)} of weights as 1 of {len(order)} nodes, {_size(fp.kv_cache)} "
-            f"KV cache for {positions} tokens, {_size(fp.runtime)} runtime): add nodes, lower api_max_seq_len, "
-            "or free memory on it")
+            f"KV cache for {_sequences(sequences)}{positions} tokens, {_size(fp.runtime)} runtime): add nodes, "
+            f"lower api_max_seq_len{', api_parallel' if sequences > 1 else ''}, or free memory on it")
     return problems, warnings
+
+
+def _sequences(n: int) -> str:
+    return f"{n} sequences of " if n > 1 else ""
 
 
 def disk_problem(node, header, model_name: str, model_path: str) -> str | None:
@@ -486,7 +492,8 @@ def preflight_report(nodes, groups, repo_dir=None) -> dict:
                 footprint = footprint_module()
                 workers = [w for w in groups.get("workers") or [] if w != root["name"]]
                 memory, memory_warnings = memory_problems(nodes, [root["name"]] + workers, model["header"],
-                                                          model["name"], root.get("max_seq_len"), footprint)
+                                                          model["name"], root.get("max_seq_len"), footprint,
+                                                          root.get("parallel"), str(root.get("kv_cache_type")))
                 problems += memory
                 warnings += memory_warnings
                 line = disk_problem(root, model["header"], model["name"], str(root.get("model_path") or ""))

@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from dllama import launch
 from dllama.launch import positive_int, port
@@ -17,8 +16,9 @@ from dllama.launch import positive_int, port
 # numpy and tokenizers load only for the commands that generate: `dllama --version`, `--help` and
 # `dllama worker` start in a fraction of the time on a slow board.
 if TYPE_CHECKING:
+    from dllama import Engine
     from dllama.sampler import Sampler
-    from dllama.tokenizer import Tokenizer
+    from dllama.tokenizer import StreamDecoder, Tokenizer
 
 PROG = "dllama"
 EXIT_USAGE = 2
@@ -107,35 +107,22 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 def run_inference(args: argparse.Namespace) -> int:
     sampler = _sampler(args)
     tokenizer, engine = _load(args)
-    with _closing(engine):
+    with engine:  # closing tells a cluster's workers the session ended, so they listen again at once
         return _inference(args, sampler, tokenizer, engine)
 
 
-def _closing(engine: Any) -> contextlib.AbstractContextManager:
-    # closing tells a cluster's workers the session ended, so they listen again at once
-    return contextlib.closing(engine) if hasattr(engine, "close") else contextlib.nullcontext()
-
-
-def _inference(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engine: Any) -> int:
+def _inference(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engine: Engine) -> int:
     from dllama.generate import format_stats, generate
 
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise launch.LaunchError("the prompt is empty")
     steps = args.steps if args.steps is not None else engine.max_seq_len
-    engine.reset()
 
     out = _stdout()
-    decoder = tokenizer.stream_decoder()
     out.write(args.prompt)
     out.flush()
-
-    def on_token(token: int) -> None:
-        piece = decoder.push(token)
-        if piece:
-            out.write(piece)
-            out.flush()
-
+    on_token, decoder = _streamer(tokenizer, out)
     result = generate(engine, prompt_ids, steps=steps, sampler=sampler, eos_ids=tokenizer.eos_ids, on_token=on_token)
     out.write(decoder.flush() + "\n\n")
     out.write(format_stats(result) + "\n")
@@ -146,12 +133,12 @@ def _inference(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer,
 def run_chat(args: argparse.Namespace) -> int:
     sampler = _sampler(args)
     tokenizer, engine = _load(args)
-    with _closing(engine):
+    with engine:
         return _chat(args, sampler, tokenizer, engine)
 
 
-def _chat(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engine: Any) -> int:
-    from dllama.generate import PrefixCache, generate
+def _chat(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engine: Engine) -> int:
+    from dllama.generate import generate
 
     if tokenizer.chat_template is None:
         raise launch.LaunchError("the tokenizer has no chat template; use `dllama inference` for raw prompts")
@@ -161,10 +148,8 @@ def _chat(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engi
         pass
 
     out = _stdout()
-    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    history: list[dict[str, Any]] = []
-    cache = PrefixCache()
-    engine.reset()
+    conversation = Conversation(engine, tokenizer, args.system_prompt, args.enable_thinking)
+    steps = args.steps if args.steps is not None else engine.max_seq_len
     print("Type a message; /clear forgets the conversation, /exit (or Ctrl-D) ends.", file=sys.stderr)
     while True:
         try:
@@ -176,28 +161,15 @@ def _chat(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engi
         if command in ("/exit", "/quit", "/bye"):
             return 0
         if command == "/clear":
-            history.clear()
+            conversation.clear()
             continue
         if not command:
             continue
-        history.append({"role": "user", "content": line})
-        ids = _render_fitting(tokenizer, system, history, args.enable_thinking, engine.max_seq_len)
-        if ids is None:
-            history.pop()
+        new_ids = conversation.ask(line)
+        if new_ids is None:
             print(f"{PROG}: that message does not fit in the context ({engine.max_seq_len} tokens)", file=sys.stderr)
             continue
-
-        new_ids = ids[cache.reuse(engine, ids):]
-
-        decoder = tokenizer.stream_decoder()
-
-        def on_token(token: int) -> None:
-            piece = decoder.push(token)
-            if piece:
-                out.write(piece)
-                out.flush()
-
-        steps = args.steps if args.steps is not None else engine.max_seq_len
+        on_token, decoder = _streamer(tokenizer, out)
         try:
             result = generate(engine, new_ids, steps=steps, sampler=sampler, eos_ids=tokenizer.eos_ids,
                               on_token=on_token)
@@ -206,11 +178,65 @@ def _chat(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engi
             return 0
         out.write(decoder.flush() + "\n")
         out.flush()
-        cache.record(engine, new_ids + result.tokens)
-        history.append({"role": "assistant", "content": decoder.text})
+        conversation.answer(new_ids + result.tokens, decoder.text)
         if result.finish_reason == "length" and engine.position >= engine.max_seq_len:
             print(f"{PROG}: the context is full ({engine.max_seq_len} tokens); older turns will be dropped",
                   file=sys.stderr)
+
+
+class Conversation:
+    """A chat's messages and what the engine's sequence 0 holds of them: each turn feeds only the
+    tokens the engine has not seen (the template may rewrite earlier turns: then the engine
+    rewinds to the common prefix), dropping the oldest turns when the conversation outgrows the
+    context."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, system_prompt: str | None,
+                 enable_thinking: bool | None) -> None:
+        from dllama.generate import PrefixCache
+
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        self.enable_thinking = enable_thinking
+        self.history: list[dict[str, Any]] = []
+        self.cache = PrefixCache(seq=0)
+
+    def ask(self, message: str) -> list[int] | None:
+        """Adds the user's message; returns the conversation's tokens the engine does not hold yet
+        (it is rewound to the rest), or None when the message alone leaves no room for a reply
+        (then the conversation stays as it was)."""
+        history = [*self.history, {"role": "user", "content": message}]
+        ids = self._render_fitting(history)
+        if ids is None:
+            return None
+        self.history = history
+        return ids[self.cache.reuse(self.engine, ids):]
+
+    def answer(self, fed: list[int], text: str) -> None:
+        """Records the reply: `fed` are ask()'s tokens followed by the reply's (the engine holds
+        them up to its position), `text` the reply as shown."""
+        self.cache.record(self.engine, fed)
+        self.history.append({"role": "assistant", "content": text})
+
+    def clear(self) -> None:
+        """Forgets the messages (the engine keeps what a new conversation can reuse: the system
+        prompt)."""
+        self.history.clear()
+
+    def _render_fitting(self, history: list[dict[str, Any]]) -> list[int] | None:
+        """The conversation's tokens, dropping the oldest turns of history until it leaves room
+        for a reply."""
+        while True:
+            text = self.tokenizer.apply_chat_template(self.system + history, add_generation_prompt=True,
+                                                      enable_thinking=self.enable_thinking)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+            if len(ids) < self.engine.max_seq_len:
+                return ids
+            # drop the oldest exchange: everything before the second user message
+            users = [i for i, m in enumerate(history) if m["role"] == "user"]
+            if len(users) < 2:
+                return None
+            del history[: users[1]]
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -242,31 +268,31 @@ def _mount_convert(parser: argparse.ArgumentParser) -> None:
 # loading
 
 
-def _load(args: argparse.Namespace) -> tuple[Tokenizer, Any]:
+def _load(args: argparse.Namespace) -> tuple[Tokenizer, Engine]:
     launch.note_ignored_flags(PROG, args)
     model, tokenizer = launch.load_tokenizer(args)
     engine = launch.open_engine(args, model)
-    launch.check_vocab(tokenizer, getattr(getattr(engine, "config", None), "vocab_size", None))
-    launch.announce(PROG, engine, args)
+    try:
+        launch.check_vocab(tokenizer, engine.config.vocab_size)
+        launch.announce(PROG, engine, args)
+    except BaseException:
+        engine.close()
+        raise
     return tokenizer, engine
 
 
-def _render_fitting(
-    tokenizer: Tokenizer, system: list[dict[str, Any]], history: list[dict[str, Any]],
-    enable_thinking: bool | None, max_seq_len: int,
-) -> list[int] | None:
-    """The conversation's tokens, dropping the oldest turns until it leaves room for a reply."""
-    while True:
-        text = tokenizer.apply_chat_template(system + history, add_generation_prompt=True,
-                                             enable_thinking=enable_thinking)
-        ids = tokenizer.encode(text, add_special_tokens=False)  # the template writes any BOS itself
-        if len(ids) < max_seq_len:
-            return ids
-        # drop the oldest exchange: everything before the second user message
-        users = [i for i, m in enumerate(history) if m["role"] == "user"]
-        if len(users) < 2:
-            return None
-        del history[: users[1]]
+def _streamer(tokenizer: Tokenizer, out: Any) -> tuple[Callable[[int], None], StreamDecoder]:
+    """An on_token that writes each token's text as soon as it is whole, and its decoder (flush()
+    gives the rest, .text all of it)."""
+    decoder = tokenizer.stream_decoder()
+
+    def on_token(token: int) -> None:
+        piece = decoder.push(token)
+        if piece:
+            out.write(piece)
+            out.flush()
+
+    return on_token, decoder
 
 
 def _sampler(args: argparse.Namespace) -> Sampler:

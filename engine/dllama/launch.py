@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dllama import Engine
     from dllama.tokenizer import Tokenizer
 
 EXIT_ERROR = 1
@@ -60,6 +61,8 @@ def model_flags() -> argparse.ArgumentParser:
                    help="threads of the core on this node (default: all CPUs)")
     g.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="context size in tokens (default: the engine's, at most the model's)")
+    g.add_argument("--kv-cache-type", choices=("f32", "f16"), default="f32", type=str.lower,
+                   help="type of the KV cache: f16 halves its memory (default: f32)")
     g.add_argument("--workers", nargs="+", type=host_port, default=[], metavar="HOST:PORT",
                    help="worker nodes, in slice order (HOST:PORT@W gives a node a share of weight W)")
     g.add_argument("--cluster-key-file", default=None, help="the cluster's shared key (root and workers)")
@@ -142,8 +145,9 @@ def check_vocab(tokenizer: Tokenizer, model_vocab: Any) -> None:
         )
 
 
-def open_engine(args: argparse.Namespace, model: Path) -> Any:
-    """The engine the flags ask for: this node alone, or the root of --workers."""
+def open_engine(args: argparse.Namespace, model: Path, max_sequences: int = 1) -> Engine:
+    """The engine the flags ask for, holding `max_sequences` sequences at once: this node alone,
+    or the root of --workers."""
     try:
         from dllama import Engine
     except ImportError as e:
@@ -151,42 +155,45 @@ def open_engine(args: argparse.Namespace, model: Path) -> Any:
     # no --max-seq-len: the engine's default
     options: dict[str, Any] = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
     return Engine(str(model), nthreads=args.nthreads, buffer_float_type=args.buffer_float_type,
-                  workers=list(args.workers), cluster_key_file=args.cluster_key_file, **options)
+                  workers=list(args.workers), cluster_key_file=args.cluster_key_file,
+                  max_sequences=max_sequences, kv_cache_type=args.kv_cache_type, **options)
 
 
-def announce(prog: str, engine: Any, args: argparse.Namespace) -> None:
+def announce(prog: str, engine: Engine, args: argparse.Namespace) -> None:
     """Says what was loaded, in one line (after a note if --weights-float-type differs from the
     model's weights)."""
-    weight_type = getattr(getattr(engine, "config", None), "weight_type", None)
+    weights = _lower_name(engine.config.weight_type)
     wanted = args.weights_float_type
-    if weight_type is not None and wanted and wanted != _lower_name(weight_type):
-        print(f"{prog}: note: the model's weights are {_lower_name(weight_type)}, not {wanted}", file=sys.stderr)
+    if wanted and wanted != weights:
+        print(f"{prog}: note: the model's weights are {weights}, not {wanted}", file=sys.stderr)
     print(f"{prog}: {describe(engine, args)}", file=sys.stderr)
 
 
-def describe(engine: Any, args: argparse.Namespace) -> str:
-    """`qwen3_moe, layers 48, dim 2048, experts 8/128, weights q40, context 4096, buffer q80,
-    4 threads, 4 nodes`: what an engine has, as far as it tells."""
-    config = getattr(engine, "config", None)
-    parts = []
-    arch = getattr(config, "arch", None)
-    if arch is not None:
-        parts.append(_lower_name(arch))
-    for label, name in (("layers", "n_layers"), ("dim", "dim")):
-        value = getattr(config, name, None)
-        if value is not None:
-            parts.append(f"{label} {value}")
-    n_experts = getattr(config, "n_experts", 0)
-    if n_experts:
-        parts.append(f"experts {getattr(config, 'n_active_experts', '?')}/{n_experts}")
-    weight_type = getattr(config, "weight_type", None)
-    if weight_type is not None:
-        parts.append(f"weights {_lower_name(weight_type)}")
+def describe(engine: Engine, args: argparse.Namespace) -> str:
+    """`qwen3_moe, layers 48, dim 2048, experts 8/128, weights q40, context 4096, 4 sequences,
+    KV cache 96.0 MiB/node f16, buffer q80, 4 threads, 4 nodes`: what the engine holds."""
+    config = engine.config
+    parts = [_lower_name(config.arch), f"layers {config.n_layers}", f"dim {config.dim}"]
+    if config.n_experts:
+        parts.append(f"experts {config.n_active_experts}/{config.n_experts}")
+    parts.append(f"weights {_lower_name(config.weight_type)}")
     parts.append(f"context {engine.max_seq_len}")
+    if engine.max_sequences > 1:
+        parts.append(f"{engine.max_sequences} sequences")
+    parts.append(f"KV cache {kv_cache_text(engine.kv_cache_bytes())} {engine.kv_cache_type}")
     parts.append(f"buffer {args.buffer_float_type}")
     parts.append(f"{args.nthreads} thread{'s' if args.nthreads > 1 else ''}")
     parts.append(f"{1 + len(args.workers)} node{'s' if args.workers else ''}")
     return ", ".join(parts)
+
+
+def kv_cache_text(per_node: list[int]) -> str:
+    """`96.0 MiB` on one node, `48.0 MiB/node` when every node holds as much, else each node's
+    share, node 0 first: `64.0+32.0+32.0 MiB` (the cache is split by kv heads)."""
+    unit, scale = ("GiB", 2**30) if max(per_node) >= 2**30 else ("MiB", 2**20)
+    if len(set(per_node)) == 1:
+        return f"{per_node[0] / scale:.1f} {unit}" + ("/node" if len(per_node) > 1 else "")
+    return "+".join(f"{n / scale:.1f}" for n in per_node) + f" {unit}"
 
 
 def _lower_name(value: Any) -> str:
