@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -514,8 +515,14 @@ def test_the_server_starts_as_dllama_does(tiny, tmp_path):
     for prog, text in (("dllama-api", served), ("dllama", ran)):
         assert f"{prog}: note: --nbatches is ignored (the prompt is evaluated in one batch)" in text, text
         assert f"{prog}: note: the model's weights are q40, not f32" in text, text
-    assert description("dllama-api", served) == description("dllama", ran)
-    assert f"context {CONTEXT}, buffer q80, 1 thread, 1 node" in description("dllama", ran)
+    # the same engine but for the sequences it holds: PARALLEL KV caches where dllama has one
+    kv = re.compile(r"(\d+ sequences, )?KV cache ([\d.]+) MiB")
+    api, cli = description("dllama-api", served), description("dllama", ran)
+    assert kv.sub("KV", api) == kv.sub("KV", cli)
+    assert kv.search(api).group(1) == f"{PARALLEL} sequences, " and kv.search(cli).group(1) is None
+    mib = [float(kv.search(text).group(2)) for text in (api, cli)]
+    assert mib[0] == pytest.approx(PARALLEL * mib[1], abs=0.1 * PARALLEL)  # each rounded to 0.1 MiB
+    assert f"context {CONTEXT}, KV cache " in cli and ", buffer q80, 1 thread, 1 node" in cli
     assert f"dllama-api: serving tiny (context {CONTEXT}, parallel {PARALLEL}, queue {QUEUE}) on http" in served
 
 

@@ -117,7 +117,7 @@ def serve(args: argparse.Namespace) -> int:
     limits = _connection_limits(args)
     model, tokenizer = launch.load_tokenizer(args)
     header = _model_header(model, tokenizer)
-    host = EngineHost(lambda: _open_engine(args, model, max_sequences=args.parallel),
+    host = EngineHost(lambda: launch.open_engine(args, model, max_sequences=args.parallel),
                       workers=[w.partition("@")[0] for w in args.workers])  # HOST:PORT[@weight]
     host.start()
     try:
@@ -128,17 +128,6 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         host.close()
-
-
-def _open_engine(args: argparse.Namespace, model: Path, max_sequences: int) -> Any:
-    """launch.open_engine holding max_sequences sequences. TEMPORARY, until launch.open_engine
-    takes the keyword (helper B's branch): then the host calls it directly."""
-    from dllama import Engine
-
-    options: dict[str, Any] = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
-    return Engine(str(model), nthreads=args.nthreads, buffer_float_type=args.buffer_float_type,
-                  workers=list(args.workers), cluster_key_file=args.cluster_key_file, max_sequences=max_sequences,
-                  **options)
 
 
 def _check_parallel(args: argparse.Namespace) -> None:
