@@ -586,5 +586,94 @@ def summary(total: float, how: str, passed: bool, enforce_budget: bool) -> bool:
     return passed
 
 
+# lifecycle: teardown.yml on one node and site.yml back, then upgrade.yml node by node. verify()
+# ends with `lifecycle(run)`.
+
+# A worker, and the one whose network teardown edits a file (dhcpcd.conf) rather than a profile.
+TORN_DOWN = next(vm for vm in VMS if vm.net == "dhcpcd")
+
+
+def lifecycle(run: Run) -> None:
+    teardown_and_provision_again(run, TORN_DOWN)
+    upgrade_node_by_node(run)
+
+
+def teardown_and_provision_again(run: Run, vm) -> None:
+    teardown = run.playbook + ["ansible/teardown.yml", "--limit", vm.name]
+    with phase(f"teardown.yml on {vm.name} (--check, then twice): nothing of the appliance left, still reachable"):
+        for name, extra in (("check", ["--check", "--diff"]), ("1", []), ("2", [])):
+            rc, out = run_logged(netns_exec(teardown + extra), RUN / f"teardown-{name}.log", env=run.env)
+            say(f"    {name}: " + changed_summary(recap(out)))
+            if rc != 0:
+                raise Failed(f"teardown.yml ({name}) failed on {vm.name}")
+        if recap(out).get(vm.name, {}).get("changed", 1) != 0:
+            raise Failed(f"the second teardown.yml changed something on {vm.name}")
+        run_checks(PYTEST, ["tests/infra/test_infra_teardown.py"], RUN / "testinfra-teardown.log",
+                   {**run.env, "DLLAMA_INFRA_TORN_DOWN": vm.name}, f"teardown.yml left something on {vm.name}")
+    with phase(f"site.yml provisions {vm.name} again (with the root); the API serves across every node"):
+        rc, out = run_logged(netns_exec(run.playbook + ["site.yml", "--limit", f"{vm.name},{VMS[0].name}"]),
+                             RUN / "site-again.log", env=run.env)
+        say("    " + changed_summary(recap(out)))
+        if rc != 0:
+            raise Failed(f"site.yml did not provision {vm.name} again")
+        run_checks(PYTEST, ["-k", vm.name, "tests/infra/test_infra_worker.py"], RUN / "testinfra-again.log", run.env,
+                   f"{vm.name} is not a worker again")
+        # The API noticed nothing: its first request meets the lost worker and it reconnects.
+        run_checks(PYTEST, ["-k", "test_api_recovers_after_a_worker_restart", "tests/infra/test_infra_recovery.py"],
+                   RUN / "recovery-again.log", run.env, f"the API does not serve with {vm.name} again")
+
+
+def rebuilt_wheelhouse() -> Path:
+    """out/wheelhouse with one more file in every archive: new fingerprints, so every node installs
+    and restarts (the same wheels: what is checked is the rollout, not a new engine)."""
+    import tarfile
+
+    built, rebuilt = REPO / "out" / "wheelhouse", RUN / "wheelhouse-upgrade"
+    shutil.rmtree(rebuilt, ignore_errors=True)
+    # the directories (uv's wheel is looked up in them) as hard links, the archives as copies
+    shutil.copytree(built, rebuilt, copy_function=os.link, ignore=shutil.ignore_patterns("*.tar"))
+    note = RUN / "upgrade-note.txt"
+    note.write_text(f"rebuilt by run_e2e.py at {time.time():.0f}\n")
+    for archive in built.glob("*.tar"):
+        shutil.copyfile(archive, rebuilt / archive.name)
+        with tarfile.open(rebuilt / archive.name, "a") as tar:
+            tar.add(note, arcname="./upgrade-note.txt")
+    return rebuilt
+
+
+def unit_starts(cluster: Cluster) -> dict[str, int]:
+    """When each node's dllama service last started (seconds since the epoch, the guest's clock)."""
+    starts = {}
+    for vm in VMS:
+        unit = "dllama-api" if vm is VMS[0] else "dllama-worker"
+        out = cluster.ssh(vm, f'date +%s -d "$(systemctl show --property=ExecMainStartTimestamp --value {unit})"')
+        starts[vm.name] = int(out.stdout.strip())
+    return starts
+
+
+def upgrade_node_by_node(run: Run) -> None:
+    with phase("upgrade.yml with a rebuilt wheelhouse: one node at a time, the API last; the cluster serves"):
+        wheelhouse = rebuilt_wheelhouse()
+        before = unit_starts(run.cluster)
+        upgrade = run.playbook + ["ansible/upgrade.yml", "-e", f"engine_wheelhouse={wheelhouse}"]
+        rc, out = run_logged(netns_exec(upgrade), RUN / "upgrade.log", env=run.env)
+        say("    " + changed_summary(recap(out)))
+        if rc != 0:
+            raise Failed("upgrade.yml failed")
+        after = unit_starts(run.cluster)
+        order = sorted(after, key=after.get)
+        say("    restarted: " + ", ".join(f"{name} +{after[name] - after[order[0]]} s" for name in order))
+        kept = [name for name in after if after[name] == before[name]]
+        if kept:
+            raise Failed(f"upgrade.yml did not restart the service of {', '.join(kept)}")
+        # write_inventory lists the workers in VMS order; the root goes last
+        expected = [vm.name for vm in VMS[1:]] + [VMS[0].name]
+        if order != expected:
+            raise Failed(f"upgrade.yml restarted {' -> '.join(order)}, not {' -> '.join(expected)}")
+        run_checks(PYTEST, ["-k", "test_inference_through_the_api_crosses_every_node",
+                            "tests/infra/test_infra_recovery.py"],
+                   RUN / "upgrade-serves.log", run.env, "the cluster does not serve after upgrade.yml")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,406 @@
+"""ansible/teardown.yml and ansible/upgrade.yml.
+
+Both pass Ansible's syntax check and ansible-lint's production profile. teardown.yml takes back
+everything a role puts on a node: the roles' own tasks and defaults, rendered by Ansible from the
+example inventory (tests/ansible_installs.py), list the paths, units, users and groups, so a file a
+role starts to install fails here until teardown.yml (or the network role's teardown) names it.
+teardown.yml also runs for real on this machine, every path it removes pointed into a temporary
+directory by the inventory. upgrade.yml rolls out one node at a time, workers first, the root
+last; its check that the service runs a replaced engine reads a real process's memory map, and its
+wait for the cluster (ansible/tasks/cluster_serves.yml) runs against a real dllama-api driving a
+real worker on 127.0.0.1.
+"""
+
+import functools
+import json
+import pwd
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import jinja2
+import pytest
+import yaml
+from ansible_cli import ROOT, run, tool
+from test_api_cluster import cluster  # noqa: F401 - the fixture: dllama-api and a real worker on 127.0.0.1
+
+PLAYBOOKS = ["ansible/teardown.yml", "ansible/upgrade.yml"]
+INSTALLS = Path(__file__).with_name("ansible_installs.py")
+INVENTORY = ROOT / "inventory" / "hosts.yml"
+
+
+def load(path):
+    return yaml.safe_load((ROOT / path).read_text())
+
+
+def test_playbooks_pass_the_syntax_check():
+    result = run(tool("ansible-playbook"), "--syntax-check", *PLAYBOOKS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ansible_lint_production_profile_passes():
+    result = run(tool("ansible-lint"), "--offline", "--profile", "production", "--nocolor",
+                 *PLAYBOOKS, "ansible/tasks/cluster_serves.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Profile 'production' was required, and it passed" in result.stdout + result.stderr
+
+
+# -- teardown.yml names everything the roles install ----------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def rendered():
+    pytest.importorskip("ansible")
+    proc = subprocess.run([sys.executable, str(INSTALLS)], input=json.dumps({"inventory": str(INVENTORY)}),
+                          capture_output=True, text=True, check=False, timeout=120, cwd=INSTALLS.parent)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def installed(kind, network=False):
+    """(host, value, where it comes from) of what the roles install of `kind`; the network role's
+    alone, or every other role's."""
+    return [(i["host"], i["value"], f"{i['role']}/{i['via']}: {i['task']}") for i in rendered()["installs"]
+            if i["kind"] == kind and (i["role"] == "network") == network]
+
+
+def removed_by(paths, path):
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in paths)
+
+
+def test_every_task_of_the_roles_is_classified_and_rendered():
+    # a module ansible_installs.py does not know may install something teardown.yml must take back
+    assert rendered()["unknown"] == []
+    assert rendered()["errors"] == []
+
+
+def test_the_roles_install_what_the_appliance_is_known_for():
+    # the rendering finds them at all (an empty list would pass everything below)
+    paths = {value for _, value, _ in installed("path")}
+    assert {"/opt/dllama/wheelhouse", "/etc/dllama", "/var/cache/dllama", "/var/lib/dllama",
+            "/etc/sysctl.d/90-dllama.conf", "/etc/systemd/system/dllama-worker.service",
+            "/etc/systemd/system/dllama-api.service"} <= paths
+    assert {value for _, value, _ in installed("unit")} >= {"dllama-worker.service", "dllama-api.service"}
+
+
+def test_teardown_removes_every_path_a_role_creates():
+    teardown = rendered()["teardown"]
+    left = [(host, path, where) for host, path, where in installed("path")
+            if not removed_by(teardown[host]["paths"], path)]
+    assert left == []
+
+
+def test_teardown_stops_and_disables_every_unit_a_role_enables():
+    teardown = rendered()["teardown"]
+    left = [(host, unit, where) for host, unit, where in installed("unit") if unit not in teardown[host]["units"]]
+    assert left == []
+
+
+def test_teardown_stops_the_firewall_unit_too():
+    # dllama-firewall.service loads `table inet dllama`; the table itself goes with `nft delete table`
+    assert all("dllama-firewall.service" in found["units"] for found in rendered()["teardown"].values())
+
+
+def test_teardown_removes_the_service_users_and_groups():
+    teardown = rendered()["teardown"]
+    for kind in ("user", "group"):
+        left = [(host, name, where) for host, name, where in installed(kind) if name not in teardown[host][kind + "s"]]
+        assert left == [], kind
+
+
+def test_network_teardown_names_everything_the_network_role_writes():
+    strings = rendered()["network"]
+    if strings is None:
+        pytest.skip("roles/network/tasks/teardown.yml does not exist yet")
+    teardown = rendered()["teardown"]
+    left = []
+    for kind in ("path", "block", "profile"):
+        for host, value, where in installed(kind, network=True):
+            names = value if kind == "block" else [value]  # a block: its file and its marker
+            if not (kind == "path" and removed_by(teardown[host]["paths"], value)) and \
+                    not all(name in strings for name in names):
+                left.append((host, value, where))
+    assert left == []
+
+
+def teardown_tasks():
+    (play,) = load("ansible/teardown.yml")
+    return play["tasks"]
+
+
+def module_of(task):
+    """The module a task runs ("block" for a block)."""
+    return next((k for k in task if k.startswith(("ansible.", "community."))), "block")
+
+
+def test_teardown_stops_the_services_before_it_removes_a_file():
+    modules = [module_of(task) for task in teardown_tasks()]
+    assert modules.index("ansible.builtin.systemd_service") < modules.index("ansible.builtin.file")
+
+
+def test_teardown_gives_the_network_back_last_after_the_handlers():
+    *_, flush, network = teardown_tasks()
+    assert flush["ansible.builtin.meta"] == "flush_handlers"
+    assert network["ansible.builtin.include_role"] == {"name": "network", "tasks_from": "teardown"}
+    assert network["tags"] == ["network"]
+
+
+def test_teardown_loads_every_role_default_it_reads_without_running_a_role():
+    imports = [t for t in teardown_tasks() if "ansible.builtin.import_role" in t]
+    assert {t["ansible.builtin.import_role"]["name"] for t in imports} == {"tuning", "engine", "model", "worker", "api"}
+    for task in imports:
+        assert task["when"] is False and task["tags"] == ["never"], task["name"]
+
+
+# -- teardown.yml for real, on a layout in a temporary directory ----------------------------------
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    """An installed node's files under a temporary directory, with the model where an inventory may
+    put it: its own directory (removed whole) and the tokenizer in a directory holding other files
+    (kept, without the tokenizer's)."""
+    tool("ansible-playbook")
+    tmp = tmp_path_factory.mktemp("teardown")
+    user = "dllama-teardown-test"
+    try:
+        pwd.getpwnam(user)
+        pytest.skip(f"a user {user} exists on this machine")
+    except KeyError:
+        pass
+    files = {
+        "opt/dllama/bin/python": "", "opt/dllama/.dllama-wheelhouse": "x86_64-cp311.tar sha256:0",
+        "opt/dllama/wheelhouse/dllama.whl": "", "etc/dllama/cluster.key": "k", "etc/dllama/api.key": "k",
+        "var/cache/dllama/slices/0": "", "var/lib/dllama/.profile": "", "etc/default/cpu_governor": "x",
+        "srv/models/tiny.m": "m", "srv/models/tiny.m.part": "", "home/pi/qwen/tokenizer.json": "{}",
+        "home/pi/qwen/tokenizer_config.json": "{}", "home/pi/qwen/config.json": "{}",
+    }
+    for name, text in files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text(text)
+    (tmp / "units").mkdir()
+    host = {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False,
+        "engine_venv": str(tmp / "opt/dllama"), "worker_config_dir": str(tmp / "etc/dllama"),
+        "api_config_dir": str(tmp / "etc/dllama"), "worker_cache_dir": str(tmp / "var/cache/dllama"),
+        "worker_user": user, "api_user": user, "worker_group": user, "api_group": user,
+        # absent: its removal would apply this machine's sysctl files again
+        "tuning_sysctl_file": str(tmp / "etc/sysctl.d/90-dllama.conf"),
+        "dllama_model_path": str(tmp / "srv/models/tiny.m"), "dllama_tokenizer_path": str(tmp / "home/pi/qwen"),
+    }
+    inventory = {"cluster": {"children": {"root": {"hosts": {"here": host}}, "workers": {"hosts": {}}}}}
+    (tmp / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    # The play's own paths (extra vars outrank play vars); a table name nothing uses here.
+    extra = {"teardown_unit_dir": str(tmp / "units"), "teardown_service_home": str(tmp / "var/lib/dllama"),
+             "teardown_governor_file": str(tmp / "etc/default/cpu_governor"),
+             "teardown_nft_table": ["inet", "dllama_teardown_test"]}
+    (tmp / "extra.json").write_text(json.dumps(extra))
+    return tmp
+
+
+def teardown(layout, *args):
+    """teardown.yml on the layout (the network part skipped), with JSON results."""
+    proc = run(tool("ansible-playbook"), "-i", str(layout / "hosts.yml"), "ansible/teardown.yml",
+               "-e", f"@{layout / 'extra.json'}", "--skip-tags", "network", *args,
+               ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json")
+    return proc, (json.loads(proc.stdout) if proc.stdout.startswith("{") else None)
+
+
+def touched_paths(results):
+    """Every path a file or find task of the run was given."""
+    found = []
+    for play in results["plays"]:
+        for task in play["tasks"]:
+            for result in task["hosts"].values():
+                for one in result.get("results", [result]):
+                    args = one.get("invocation", {}).get("module_args", {})
+                    found += [args["path"]] if "path" in args and isinstance(args["path"], str) else []
+                    found += args.get("paths") or []
+    return found
+
+
+@pytest.fixture(scope="module")
+def torn_down(layout):
+    # First under --check: every path it would touch is inside the layout, and nothing changes.
+    before = sorted(str(p) for p in layout.rglob("*"))
+    proc, results = teardown(layout, "--check")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert touched_paths(results) and all(p.startswith(str(layout) + "/") for p in touched_paths(results))
+    assert sorted(str(p) for p in layout.rglob("*")) == before
+    first, results = teardown(layout)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr
+    return results
+
+
+def test_teardown_removes_the_engine_keys_cache_home_and_governor_setting(layout, torn_down):
+    for path in ("opt/dllama", "etc/dllama", "var/cache/dllama", "var/lib/dllama", "etc/default/cpu_governor"):
+        assert not (layout / path).exists(), path
+
+
+def test_teardown_removes_a_model_directory_that_holds_only_the_model(layout, torn_down):
+    assert not (layout / "srv/models").exists()
+    assert (layout / "srv").is_dir()
+
+
+def test_teardown_keeps_a_tokenizer_directory_that_holds_other_files(layout, torn_down):
+    assert sorted(p.name for p in (layout / "home/pi/qwen").iterdir()) == ["config.json"]
+
+
+def test_a_second_teardown_changes_nothing(layout, torn_down):
+    proc, results = teardown(layout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert results["stats"]["here"]["changed"] == 0
+
+
+def test_teardown_refuses_to_remove_a_system_directory(layout, torn_down, tmp_path):
+    # --check: even a broken guard could not remove anything
+    inventory = yaml.safe_load((layout / "hosts.yml").read_text())
+    inventory["cluster"]["children"]["root"]["hosts"]["here"]["api_config_dir"] = "/etc"
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    proc = run(tool("ansible-playbook"), "-i", str(tmp_path / "hosts.yml"), "ansible/teardown.yml", "--check",
+               "-e", f"@{layout / 'extra.json'}", "--skip-tags", "network")
+    assert proc.returncode != 0
+    assert "refusing to remove /etc" in proc.stdout, proc.stdout[-3000:]
+    assert "Find which of the appliance's units are installed" not in proc.stdout
+
+
+# -- upgrade.yml --------------------------------------------------------------------------------
+
+def upgrade_plays():
+    return load("ansible/upgrade.yml")
+
+
+def test_upgrade_checks_the_cluster_first_then_goes_one_node_at_a_time():
+    check, rollout = upgrade_plays()
+    assert check["hosts"] == "root"
+    assert check["tasks"][-1]["ansible.builtin.include_tasks"] == "tasks/cluster_serves.yml"
+    assert rollout["serial"] == 1 and rollout["max_fail_percentage"] == 0
+    steps = [module_of(t) for t in rollout["tasks"]]
+    assert steps[-4:] == ["ansible.builtin.command", "ansible.builtin.command", "ansible.builtin.systemd_service",
+                          "ansible.builtin.include_tasks"]
+    assert {"name": "engine"} in [t.get("ansible.builtin.import_role") for t in rollout["tasks"]]
+
+
+def test_upgrade_goes_through_every_worker_before_the_root():
+    # The order a play runs its hosts in (order: inventory), from Ansible's inventory itself
+    # (`--list-hosts` prints a set). A child process: see ansible_render.py.
+    (rollout_hosts,) = [play["hosts"] for play in upgrade_plays() if play.get("serial")]
+    script = ("import json, sys; from ansible_render import inventory; _, inv, _ = inventory(sys.argv[1]); "
+              "print(json.dumps([h.name for h in inv.get_hosts(sys.argv[2], order='inventory')]))")
+    proc = subprocess.run([sys.executable, "-c", script, str(INVENTORY), rollout_hosts], capture_output=True,
+                          text=True, check=False, timeout=120, cwd=INSTALLS.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["pi-worker1", "pi-worker3", "pi-worker4", "pi-root"]
+
+
+def test_upgrade_stops_before_it_touches_a_node_when_the_cluster_does_not_serve(tmp_path):
+    # The API's port on the root is one nothing listens on. --check: should the check pass all the
+    # same, nothing would be installed on this machine.
+    from test_api import _free_port
+
+    host = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False,
+            "api_port": _free_port(), "api_key_file": str(tmp_path / "no-key"),
+            "engine_venv": str(tmp_path / "venv"), "dllama_model_path": "/m.m", "dllama_tokenizer_path": "/t"}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"cluster": {"children": {
+        "root": {"hosts": {"here": host}}, "workers": {"hosts": {}}}}}))
+    proc = run(tool("ansible-playbook"), "-i", str(tmp_path / "hosts.yml"), "ansible/upgrade.yml", "--check",
+               "-e", "upgrade_timeout=4")
+    assert proc.returncode != 0
+    assert "before the upgrade: the API on here does not serve: a completion answers -1" in proc.stdout, \
+        proc.stdout[-3000:]
+    assert "Install the new engine" not in proc.stdout and "engine :" not in proc.stdout
+
+
+def stale_argv(venv, pid):
+    """upgrade.yml's check for a service running replaced engine files, for this venv and process."""
+    (task,) = [t for t in upgrade_plays()[1]["tasks"] if "runs engine files an install has replaced" in t["name"]]
+    return [jinja2.Template(arg).render(engine_venv=venv, upgrade__pid={"stdout": f"{pid}\n"})
+            for arg in task["ansible.builtin.command"]["argv"]]
+
+
+def test_the_stale_check_sees_a_replaced_library_in_a_running_process(tmp_path):
+    venv = tmp_path / "opt" / "dllama"
+    library = venv / "lib" / "_engine.so"
+    library.parent.mkdir(parents=True)
+    source = next(Path(sysconfig.get_config_var("DESTSHARED")).glob("*.so"), None)
+    if source is None:
+        pytest.skip("this Python has no extension module in a shared library to load")
+    library.write_bytes(source.read_bytes())
+    process = subprocess.Popen([sys.executable, "-c", "import ctypes, sys, time; ctypes.CDLL(sys.argv[1]); "
+                                "print('loaded', flush=True); time.sleep(120)", str(library)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "loaded"
+        fresh = subprocess.run(stale_argv(venv, process.pid), check=False)
+        other = subprocess.run(stale_argv(tmp_path / "elsewhere", process.pid), check=False)
+        # what an install does: the old file unlinked, a new one in its place
+        library.unlink()
+        library.write_bytes(source.read_bytes())
+        replaced = subprocess.run(stale_argv(venv, process.pid), check=False)
+        replaced_elsewhere = subprocess.run(stale_argv(tmp_path / "elsewhere", process.pid), check=False)
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    assert (fresh.returncode, other.returncode) == (1, 1)
+    assert (replaced.returncode, replaced_elsewhere.returncode) == (0, 1)
+
+
+# -- the wait for the cluster, against a real dllama-api and worker --------------------------------
+
+@pytest.fixture(scope="module")
+def api_cluster(cluster, tmp_path_factory):
+    """test_api_cluster.py's cluster (dllama-api with an API key, driving a real worker), and a
+    directory for the playbook."""
+    tool("ansible-playbook")
+    srv, worker = cluster
+    return tmp_path_factory.mktemp("upgrade-wait"), srv, worker
+
+
+def wait_for_cluster(root, srv, timeout, stage="the test"):
+    """ansible/tasks/cluster_serves.yml on this machine as the root, against the server `srv`."""
+    playbook = root / "wait.yml"
+    playbook.write_text(yaml.safe_dump([{
+        "name": "Wait for the cluster", "hosts": "root", "gather_facts": False,
+        "vars": {"upgrade_root": "here", "upgrade_api_url": srv.url, "upgrade_hint": "",
+                 "upgrade_api_key_file": str(srv.log.with_name("api-key")),  # where start_server put it
+                 "upgrade_timeout": timeout, "upgrade_stage": stage},
+        "tasks": [{"name": "Wait", "ansible.builtin.include_tasks": str(ROOT / "ansible/tasks/cluster_serves.yml")}],
+    }]))
+    (root / "hosts.yml").write_text(yaml.safe_dump({"root": {"hosts": {"here": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable}}}}))
+    return run(tool("ansible-playbook"), "-i", str(root / "hosts.yml"), str(playbook), ANSIBLE_BECOME="false")
+
+
+def test_the_wait_passes_at_once_on_a_serving_cluster(api_cluster):
+    root, srv, _ = api_cluster
+    proc = wait_for_cluster(root, srv, timeout=30)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert "RETRYING" not in proc.stdout
+
+
+def test_the_wait_rides_out_a_restarted_worker_that_health_alone_would_miss(api_cluster):
+    root, srv, worker = api_cluster
+    worker.kill()
+    worker.start()
+    # what an upgrade's restart leaves: the API has not noticed, its /health still says up
+    assert all(w["up"] for w in srv.health().json()["workers"])
+    proc = wait_for_cluster(root, srv, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert "RETRYING" in proc.stdout  # the first request met the lost worker
+    assert srv.health().json()["status"] == "ok"
+
+
+def test_the_wait_fails_naming_the_stage_and_the_worker_that_stays_down(api_cluster):
+    root, srv, worker = api_cluster
+    worker.kill()
+    try:
+        start = time.monotonic()
+        proc = wait_for_cluster(root, srv, timeout=10, stage="after upgrading here")
+        took = time.monotonic() - start
+    finally:
+        worker.start()
+    assert proc.returncode != 0
+    assert "after upgrading here: the API on here does not serve" in proc.stdout, proc.stdout[-3000:]
+    assert f"workers down: 127.0.0.1:{worker.port}" in proc.stdout, proc.stdout[-3000:]
+    assert took < 120
