@@ -1,10 +1,12 @@
 """What the roles put on a node and what ansible/teardown.yml takes away, each rendered by Ansible's
 own templating from the example inventory (inventory/hosts.yml) and the roles' defaults, for
-tests/test_ansible_playbooks.py. Runs as a child process (see ansible_render.py); prints JSON:
+tests/test_ansible_playbooks.py. Runs as a child process (see ansible_render.py): a JSON request
+on stdin ({inventory, overrides}: host variables set over the inventory's), JSON on stdout:
 
   installs:   [{role, task, kind, value}]  every file, directory, unit, user, group, /etc block and
               NetworkManager profile a role's task creates, on a worker and on the root
-  teardown:   {host: {paths, units, users, groups}}  what teardown.yml removes, stops or deletes
+  teardown:   {host: {paths, exact, units, users, groups}}  what teardown.yml removes (paths with
+              everything under them, exact only themselves), stops or deletes
   network:    the strings roles/network/tasks/teardown.yml names (null while it does not exist)
   unknown:    modules a role uses that this file does not classify yet (a new one must be)
   errors:     what could not be rendered
@@ -53,6 +55,8 @@ TASK_KEYS = {"name", "when", "loop", "loop_control", "register", "notify", "vars
 # node can get (a file that exists, a command that succeeded).
 REGISTERED = {"stat": {"exists": True}, "rc": 0, "stdout": "", "stdout_lines": [], "results": [], "changed": True,
               "matched": 0, "files": []}
+# Host variables set over the inventory's (a request's "overrides": another layout of the node).
+OVERRIDES = {}
 # The modules teardown.yml removes things with.
 REMOVES = {"ansible.builtin.file", "ansible.builtin.systemd_service", "ansible.builtin.user", "ansible.builtin.group"}
 
@@ -107,10 +111,15 @@ class Renderer:
         return {k: self(trusted(args[k]), **extra) for k in keys if k in args}
 
 
+def host_vars_of(inv, host):
+    """The inventory's variables of `host`, with the request's overrides (another layout)."""
+    _, inventory_manager, variables = inv
+    return {**variables.get_vars(host=inventory_manager.get_host(host)), **OVERRIDES}
+
+
 def context_for(inv, host, role, importer=None, import_vars=None):
     """Role defaults < inventory < role vars < the vars an importing role passes, like a play."""
-    _, inventory_manager, variables = inv
-    host_vars = variables.get_vars(host=inventory_manager.get_host(host))
+    host_vars = host_vars_of(inv, host)
     defaults = {**role_file(role, "defaults"), **(role_file(importer, "defaults") if importer else {})}
     role_vars = {**(role_file(importer, "vars") if importer else {}), **role_file(role, "vars")}
     return {**defaults, **host_vars, **role_vars, **(import_vars or {})}
@@ -188,10 +197,9 @@ def teardown_removals(inv, host, out):
         for name, _ in imports(role):
             defaults.update(role_file(name, "defaults"))
         defaults.update(role_file(role, "defaults"))
-    _, inventory_manager, variables = inv
-    host_vars = variables.get_vars(host=inventory_manager.get_host(host))
-    render = Renderer(inv, trusted({**defaults, **host_vars, **play.get("vars", {})}), tasks)
-    found = {"paths": [], "units": [], "users": [], "groups": []}
+    render = Renderer(inv, trusted({**defaults, **host_vars_of(inv, host), **play.get("vars", {})}), tasks)
+    conditional = set(under_when(play.get("tasks")))
+    found = {"paths": [], "exact": [], "units": [], "users": [], "groups": []}
     for task, scope in tasks:
         module, args = module_of(task)
         if module not in REMOVES:
@@ -200,7 +208,8 @@ def teardown_removals(inv, host, out):
             for extra in render.items(task, scope):
                 rendered = render.args(args, ["path", "name", "state", "enabled"], extra)
                 if module == "ansible.builtin.file" and rendered.get("state") == "absent":
-                    found["paths"].append(rendered["path"])
+                    # a directory removed only when it holds nothing else takes nothing with it
+                    found["exact" if id(task) in conditional else "paths"].append(rendered["path"])
                 elif module == "ansible.builtin.systemd_service" and rendered.get("state") == "stopped" \
                         and rendered.get("enabled") is False:
                     found["units"].append(rendered["name"])
@@ -211,6 +220,16 @@ def teardown_removals(inv, host, out):
         except Exception as e:  # noqa: BLE001 - reported to the test
             out["errors"].append(f"teardown.yml on {host}: {task.get('name')}: {e}")
     return found
+
+
+def under_when(tasks, inherited=False):
+    """id() of every task that runs only on a condition (its own `when` or its block's)."""
+    for task in tasks or []:
+        conditional = inherited or "when" in task
+        if conditional:
+            yield id(task)
+        for key in ("block", "rescue", "always"):
+            yield from under_when(task.get(key), conditional)
 
 
 def network_teardown_strings(inv, host):
@@ -247,6 +266,7 @@ def network_teardown_strings(inv, host):
 
 def main():
     request = json.load(sys.stdin)
+    OVERRIDES.update(request.get("overrides", {}))
     inv = inventory(request["inventory"])
     out = {"installs": [], "teardown": {}, "network": None, "unknown": [], "errors": []}
     for host in HOSTS:

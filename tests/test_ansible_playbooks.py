@@ -49,30 +49,39 @@ def test_ansible_lint_production_profile_passes():
 
 # -- teardown.yml names everything the roles install ----------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def rendered():
+# The example inventory, and the model and tokenizer in a directory of their own (not under the
+# service user's home, which teardown.yml removes whole).
+LAYOUTS = {"example": {}, "model elsewhere": {"dllama_model_path": "/srv/models/model.m",
+                                              "dllama_tokenizer_path": "/srv/models/tokenizer"}}
+
+
+@functools.lru_cache(maxsize=None)
+def rendered(layout="example"):
     pytest.importorskip("ansible")
-    proc = subprocess.run([sys.executable, str(INSTALLS)], input=json.dumps({"inventory": str(INVENTORY)}),
+    request = {"inventory": str(INVENTORY), "overrides": LAYOUTS[layout]}
+    proc = subprocess.run([sys.executable, str(INSTALLS)], input=json.dumps(request),
                           capture_output=True, text=True, check=False, timeout=120, cwd=INSTALLS.parent)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-def installed(kind, network=False):
+def installed(kind, layout="example", network=False):
     """(host, value, where it comes from) of what the roles install of `kind`; the network role's
     alone, or every other role's."""
-    return [(i["host"], i["value"], f"{i['role']}/{i['via']}: {i['task']}") for i in rendered()["installs"]
+    return [(i["host"], i["value"], f"{i['role']}/{i['via']}: {i['task']}") for i in rendered(layout)["installs"]
             if i["kind"] == kind and (i["role"] == "network") == network]
 
 
-def removed_by(paths, path):
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in paths)
+def removed(found, path):
+    """Whether teardown.yml's removals on a host (`found`) take `path` away."""
+    return path in found["exact"] or any(path == p or path.startswith(p.rstrip("/") + "/") for p in found["paths"])
 
 
-def test_every_task_of_the_roles_is_classified_and_rendered():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_task_of_the_roles_is_classified_and_rendered(layout):
     # a module ansible_installs.py does not know may install something teardown.yml must take back
-    assert rendered()["unknown"] == []
-    assert rendered()["errors"] == []
+    assert rendered(layout)["unknown"] == []
+    assert rendered(layout)["errors"] == []
 
 
 def test_the_roles_install_what_the_appliance_is_known_for():
@@ -84,10 +93,11 @@ def test_the_roles_install_what_the_appliance_is_known_for():
     assert {value for _, value, _ in installed("unit")} >= {"dllama-worker.service", "dllama-api.service"}
 
 
-def test_teardown_removes_every_path_a_role_creates():
-    teardown = rendered()["teardown"]
-    left = [(host, path, where) for host, path, where in installed("path")
-            if not removed_by(teardown[host]["paths"], path)]
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_teardown_removes_every_path_a_role_creates(layout):
+    teardown = rendered(layout)["teardown"]
+    left = [(host, path, where) for host, path, where in installed("path", layout)
+            if not removed(teardown[host], path)]
     assert left == []
 
 
@@ -118,7 +128,7 @@ def test_network_teardown_names_everything_the_network_role_writes():
     for kind in ("path", "block", "profile"):
         for host, value, where in installed(kind, network=True):
             names = value if kind == "block" else [value]  # a block: its file and its marker
-            if not (kind == "path" and removed_by(teardown[host]["paths"], value)) and \
+            if not (kind == "path" and removed(teardown[host], value)) and \
                     not all(name in strings for name in names):
                 left.append((host, value, where))
     assert left == []
