@@ -488,6 +488,7 @@ def verify(run: Run) -> None:
     with phase("inference across the VMs, worker killed and back, API recovers"):
         run_checks(PYTEST, ["tests/infra/test_infra_recovery.py"], RUN / "recovery.log", run.env,
                    "the recovery checks failed")
+    exposure_and_restarts(run)
 
 
 def testinfra_while_the_api_starts(run: Run) -> None:
@@ -502,7 +503,8 @@ def testinfra_while_the_api_starts(run: Run) -> None:
         rc, out = run_logged(netns_exec(INFRA + ["tests/infra",
                                                  "--ignore", "tests/infra/test_infra_recovery.py",
                                                  "--ignore", "tests/infra/test_infra_api.py",
-                                                 "--ignore", "tests/infra/test_infra_mixed_cluster.py"]),
+                                                 "--ignore", "tests/infra/test_infra_mixed_cluster.py",
+                                                 "--ignore", "tests/infra/test_infra_exposure.py"]),
                              RUN / "testinfra.log", env=run.env)
         say("    " + (out.strip().splitlines() or ["?"])[-1])
         if rc != 0:
@@ -584,6 +586,52 @@ def summary(total: float, how: str, passed: bool, enforce_budget: bool) -> bool:
         say(f"within budget: {total:.0f} s <= {budget} s")
     say("PASSED" if passed else "FAILED")
     return passed
+
+
+# issue 15: closed ports and the API's key seen from a stranger, then a new model restarts the API
+# (last: it restarts dllama-api and leaves it serving another model)
+
+
+def exposure_and_restarts(run: Run) -> None:
+    with phase("exposure: from a non-peer namespace the worker and mesh ports are closed, the API wants its key"):
+        run_checks(PYTEST, ["tests/infra/test_infra_exposure.py"], RUN / "exposure.log", run.env,
+                   "the exposure checks failed")
+    with phase("a new model file: site.yml --tags model,api restarts dllama-api; the run after changes nothing"):
+        new_model_restarts_the_api(run)
+
+
+def api_started_at(cluster: Cluster) -> int:
+    """dllama-api's ActiveEnterTimestampMonotonic on the root (microseconds since its boot)."""
+    return int(cluster.ssh(VMS[0], "systemctl", "show", "--property=ActiveEnterTimestampMonotonic", "--value",
+                           "dllama-api").stdout.strip())
+
+
+def new_model_restarts_the_api(run: Run) -> None:
+    import hashlib
+
+    model = MODEL / "tiny-qwen3-f32-nudged.m"
+    data = bytearray((MODEL / "tiny-qwen3-f32.m").read_bytes())
+    data[-4] ^= 1  # the lowest mantissa bit of the last weight: another file, as good a model
+    model.write_bytes(data)
+    site = run.playbook + ["site.yml", "--tags", "model,api", "--skip-tags", "preflight",
+                           "-e", f"dllama_model_src={model}"]
+    before = api_started_at(run.cluster)
+    rc, _ = run_logged(netns_exec(site), RUN / "site-new-model.log", env=run.env)
+    if rc != 0:
+        raise Failed("site.yml with a new model file failed")
+    restarted = api_started_at(run.cluster)
+    environment = run.cluster.ssh(VMS[0], "systemctl", "show", "--property=Environment", "dllama-api").stdout
+    say(f"    dllama-api started {(restarted - before) / 1e6:.0f} s later; its unit: {environment.strip()}")
+    if restarted == before:
+        raise Failed("a new model file did not restart dllama-api")
+    if hashlib.sha256(data).hexdigest() not in environment:
+        raise Failed("dllama-api's unit does not carry the new model's checksum")
+    wait_for_api(run.cluster, API_START_TIMEOUT_S)
+    rc, out = run_logged(netns_exec(site), RUN / "site-new-model-2.log", env=run.env)
+    hosts = recap(out)
+    say("    " + changed_summary(hosts))
+    if rc != 0 or any(r.get("changed", 1) != 0 for r in hosts.values()) or api_started_at(run.cluster) != restarted:
+        raise Failed(f"the run after the new model changed something or restarted dllama-api again: {hosts}")
 
 
 if __name__ == "__main__":
