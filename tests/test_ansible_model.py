@@ -2,13 +2,17 @@
 copied to a "root node", both in a temporary directory): the model is copied once, the checksum
 recorded beside it decides every later run, and a run that changes nothing hashes nothing on
 either end (issue 15); then dllama-api's unit, under --check, carries the model's checksum, so a
-new model restarts the API."""
+new model restarts the API. The download path likewise, from an HTTP server on loopback: fetched
+once, and again only for a new model_checksum."""
 
 import base64
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -145,3 +149,55 @@ def test_the_api_unit_would_carry_the_checksums_of_the_model_and_tokenizer(tree,
     assert f'Environment="DLLAMA_MODEL={sha256(src / "model.m")} model.m"' in diff["after"]
     assert f'Environment="DLLAMA_TOKENIZER={" ".join(tokenizer)}"' in diff["after"]
     assert 'Environment="DLLAMA_ENGINE=none"' in diff["after"]
+
+
+# -- the download path: an HTTP server on loopback serves the model and the tokenizer -------------
+
+FETCH = "model : Download the model, resuming a partial download"
+
+
+@pytest.fixture(scope="module")
+def downloads(tree, tmp_path_factory):
+    """The role run three times against model_url: fresh, again, then a new model_checksum."""
+    if shutil.which("curl") is None:
+        pytest.skip("the role would install curl with apt here")
+    tmp, src, _ = tree
+    served = tmp_path_factory.mktemp("served")
+    shutil.copytree(src / "tok", served / "tok")
+    (served / "model.m").write_bytes(os.urandom(1 << 16))
+    node = tmp / "download-node"
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "0", "--directory",
+                               str(served)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(server.stdout.readline().split(" port ")[1].split()[0])
+        url = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{url}/tok/tokenizer.json", timeout=10) as answer:
+            answer.read()
+
+        def download():
+            return play(tree, str(tmp / "model.yml"), "-e", json.dumps({
+                "dllama_model_src": "", "dllama_tokenizer_src": "", "dllama_model_url": f"{url}/model.m",
+                "dllama_model_checksum": f"sha256:{sha256(served / 'model.m')}", "dllama_tokenizer_url": f"{url}/tok",
+                "dllama_model_path": str(node / "model.m"), "dllama_tokenizer_path": str(node / "tok")}))
+
+        first, second = download(), download()
+        (served / "model.m").write_bytes(os.urandom(1 << 16))
+        new_model = download()
+    finally:
+        server.terminate()
+        server.wait()
+        server.stdout.close()
+    return served, node, first, second, new_model
+
+
+def test_a_download_is_recorded_and_not_fetched_again(downloads):
+    _, _, first, second, _ = downloads
+    assert ran(first, FETCH) and not ran(second, FETCH)
+    assert changed(second) == []
+
+
+def test_a_new_model_checksum_fetches_the_new_model(downloads):
+    served, node, _, _, new_model = downloads
+    assert ran(new_model, FETCH)
+    assert sha256(node / "model.m") == sha256(served / "model.m")
+    assert (node / "model.m.sha256").read_text() == f"{sha256(served / 'model.m')}  model.m\n"
