@@ -25,6 +25,7 @@ namespace {
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using ByteArray = py::array_t<uint8_t, py::array::c_style>;
+using Int32s = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 // Float32 rows (the last dimension a multiple of 32) as Q40 blocks, the same leading shape.
 ByteArray quantize_q40(FloatArray x) {
@@ -127,37 +128,60 @@ struct PyTransformer {
         mesh_owner = py::none();
     }
 
-    // One step on every node: nothing back, the full logits, or each node's top-k candidates.
-    py::object step(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int pos, StepOutput output,
-                    float temperature) {
-        if (!root) throw std::invalid_argument("not attached to a cluster");
-        if (output != StepOutput::None && output != StepOutput::Logits && output != StepOutput::TopK)
-            throw std::invalid_argument("output must be NONE, LOGITS or TOPK");
-        if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a flat sequence of ints");
-        std::vector<int> ids(tokens.data(), tokens.data() + tokens.size());
-        py::array_t<float> logits;
-        float* dst = nullptr;
-        if (output == StepOutput::Logits) {
-            logits = py::array_t<float>(model->config().vocab_size);
-            dst = logits.mutable_data();
+    // One step over several sequences, on this node alone or on every node of the cluster:
+    // per entry None, its logits over the whole vocabulary, or each node's top-k candidates
+    // [(ids, logits, log_norm), ...] in node order.
+    py::list step(const Int32s& seqs, const Int32s& positions, const Int32s& counts, const Int32s& tokens,
+                  const Int32s& outputs, const FloatArray& temperatures) {
+        const py::ssize_t n = seqs.size();
+        for (const py::array* a : {(const py::array*)&seqs, (const py::array*)&positions, (const py::array*)&counts,
+                                   (const py::array*)&tokens, (const py::array*)&outputs, (const py::array*)&temperatures})
+            if (a->ndim() != 1) throw std::invalid_argument("every step argument must be a flat array");
+        if (positions.size() != n || counts.size() != n || outputs.size() != n || temperatures.size() != n)
+            throw std::invalid_argument("seqs, positions, counts, outputs and temperatures need one value per entry");
+        std::vector<RootEntry> entries;
+        int64_t total = 0;
+        for (py::ssize_t e = 0; e < n; e++) {
+            const int32_t out = outputs.data()[e];
+            if (out != (int32_t)StepOutput::None && out != (int32_t)StepOutput::Logits && out != (int32_t)StepOutput::TopK)
+                throw std::invalid_argument("output must be NONE, LOGITS or TOPK");
+            if (counts.data()[e] < 1) throw std::invalid_argument("every entry needs at least one token");
+            total += counts.data()[e];
+            entries.push_back({{seqs.data()[e], positions.data()[e], counts.data()[e]}, (StepOutput)out,
+                               temperatures.data()[e]});
         }
-        std::vector<TopK> parts;
+        if (total != tokens.size()) throw std::invalid_argument("the counts must add up to the tokens given");
+        std::vector<int> ids(tokens.data(), tokens.data() + tokens.size());
+        StepResult result;
         {
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(busy);
-            root->step(ids.data(), (int)ids.size(), pos, output, temperature, dst, &parts);
+            if (root) root->step(entries, ids.data(), result);
+            else local_step(*model, entries, ids.data(), result);
         }
-        if (output == StepOutput::Logits) return std::move(logits);
-        if (output == StepOutput::None) return py::none();
+        const size_t vocab = model->config().vocab_size;
         py::list out;
-        for (const TopK& t : parts) {  // each count checked by ClusterRoot::step as it came in
-            py::array_t<int32_t> pid(t.count);
-            py::array_t<float> plog(t.count);
-            std::memcpy(pid.mutable_data(), t.ids, t.count * sizeof(int32_t));
-            std::memcpy(plog.mutable_data(), t.logits, t.count * sizeof(float));
-            out.append(py::make_tuple(pid, plog, t.log_norm));
+        size_t li = 0, ti = 0;
+        for (const RootEntry& e : entries) {
+            if (e.output == StepOutput::None) {
+                out.append(py::none());
+            } else if (e.output == StepOutput::Logits) {
+                py::array_t<float> row(vocab);
+                std::memcpy(row.mutable_data(), result.logits.data() + li++ * vocab, vocab * sizeof(float));
+                out.append(std::move(row));
+            } else {
+                py::list parts;
+                for (const TopK& t : result.parts[ti++]) {  // each count checked as it came in
+                    py::array_t<int32_t> pid(t.count);
+                    py::array_t<float> plog(t.count);
+                    std::memcpy(pid.mutable_data(), t.ids, t.count * sizeof(int32_t));
+                    std::memcpy(plog.mutable_data(), t.logits, t.count * sizeof(float));
+                    parts.append(py::make_tuple(pid, plog, t.log_norm));
+                }
+                out.append(std::move(parts));
+            }
         }
-        return std::move(out);
+        return out;
     }
 
     std::string serve(py::object mesh_obj, bool q80) {
@@ -168,12 +192,16 @@ struct PyTransformer {
     }
 
     PyTransformer(const ModelConfig& config, const std::optional<SlicePlan>& plan, int n_threads, int max_seq_len,
-                  int max_batch) {
+                  int max_batch, int max_sequences, FloatType kv_cache_type) {
         if (n_threads < 1 || n_threads > 1024) throw std::invalid_argument("nthreads must be between 1 and 1024");
         if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
         if (max_batch < 1) throw std::invalid_argument("max_batch must be positive");
+        if (max_sequences < 1 || max_sequences > kMaxSequences)
+            throw std::invalid_argument("max_sequences must be between 1 and " + std::to_string(kMaxSequences));
+        if (kv_cache_type != FloatType::F32 && kv_cache_type != FloatType::F16)
+            throw std::invalid_argument("kv_cache_type must be F32 or F16");
         model = std::make_unique<Transformer>(config, plan ? *plan : SlicePlan::whole(config), n_threads, max_seq_len,
-                                              max_batch);
+                                              max_batch, max_sequences, kv_cache_type);
     }
 
     void bind(TensorKind kind, int layer, int expert, const py::buffer& buffer, size_t offset, int rows, int cols,
@@ -191,7 +219,8 @@ struct PyTransformer {
         if (type != FloatType::Q40) owners.push_back(buffer);  // Q40 matrices were copied (packed)
     }
 
-    py::object forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int pos, bool logits) {
+    py::object forward(py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int pos, bool logits,
+                       int seq) {
         if (tokens.ndim() != 1) throw std::invalid_argument("tokens must be a flat sequence of ints");
         const int n = (int)tokens.size();
         std::vector<int> ids(tokens.data(), tokens.data() + n);
@@ -204,7 +233,7 @@ struct PyTransformer {
         {
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(busy);
-            model->forward(ids.data(), n, pos, dst);
+            model->forward(ids.data(), n, pos, dst, seq);
         }
         if (!logits) return py::none();
         return std::move(out);
@@ -253,6 +282,7 @@ PYBIND11_MODULE(_core, m) {
         .value("NONE", StepOutput::None, "nothing (a prompt whose next token is known)")
         .value("LOGITS", StepOutput::Logits, "the last token's logits over the whole vocabulary")
         .value("TOPK", StepOutput::TopK, "per node: its top-64 candidates and softmax normaliser");
+    m.attr("MAX_SEQUENCES") = kMaxSequences;
 
     py::class_<ModelConfig>(m, "ModelConfig",
                             "The model's shape as the core takes it; dllama.native.native_config builds it from a\n"
@@ -318,20 +348,26 @@ PYBIND11_MODULE(_core, m) {
         });
 
     py::class_<PyTransformer>(m, "Transformer")
-        .def(py::init<const ModelConfig&, const std::optional<SlicePlan>&, int, int, int>(), py::arg("config"),
-             py::arg("plan") = py::none(), py::arg("nthreads") = 1, py::arg("max_seq_len") = 4096,
-             py::arg("max_batch") = 128, "One node's forward pass over its slice (None: the whole model).")
+        .def(py::init<const ModelConfig&, const std::optional<SlicePlan>&, int, int, int, int, FloatType>(),
+             py::arg("config"), py::arg("plan") = py::none(), py::arg("nthreads") = 1, py::arg("max_seq_len") = 4096,
+             py::arg("max_batch") = 128, py::arg("max_sequences") = 1, py::arg("kv_cache_type") = FloatType::F32,
+             "One node's forward pass over its slice (None: the whole model), with a KV cache of max_sequences\n"
+             "sequences of max_seq_len positions (F32 or F16) allocated here.")
         .def("bind", &PyTransformer::bind, py::arg("kind"), py::arg("layer"), py::arg("expert"), py::arg("buffer"),
              py::arg("offset"), py::arg("rows"), py::arg("cols"), py::arg("row_stride"), py::arg("type"),
              "Binds one weight, named by its kind, layer and expert (0 where the kind has none): an F32 one\n"
              "is read in place (the buffer is kept alive), a Q40 one copied into packed memory of the core's.")
         .def("check_bound", [](PyTransformer& self) { self.model->check_bound(); })
-        .def("forward", &PyTransformer::forward, py::arg("tokens"), py::arg("pos"), py::arg("logits") = true)
+        .def("forward", &PyTransformer::forward, py::arg("tokens"), py::arg("pos"), py::arg("logits") = true,
+             py::arg("seq") = 0, "One sequence's tokens at pos; its last token's logits over this node's slice.")
         .def("attach_root", &PyTransformer::attach_root, py::arg("mesh"), py::arg("q80"), py::arg("vocab_slices"),
              "Makes this the root of a cluster: steps then run on every node of the mesh.")
         .def("detach", &PyTransformer::detach, "Tells the workers the session ended and leaves the cluster.")
-        .def("step", &PyTransformer::step, py::arg("tokens"), py::arg("pos"), py::arg("output"),
-             py::arg("temperature") = 1.0f)
+        .def("step", &PyTransformer::step, py::arg("seqs"), py::arg("positions"), py::arg("counts"), py::arg("tokens"),
+             py::arg("outputs"), py::arg("temperatures"),
+             "One step: entry e feeds counts[e] tokens (taken in order from tokens) to sequence seqs[e] at\n"
+             "positions[e]; per entry None, its logits [vocab] or each node's top-k (ids, logits, log_norm).\n"
+             "On this node alone, or on every node once attach_root made this the root of a cluster.")
         .def("serve", &PyTransformer::serve, py::arg("mesh"), py::arg("q80"),
              "A worker's loop: runs the root's steps until the session ends; returns why it ended.");
 }

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "kernels.h"
@@ -95,6 +96,80 @@ void MeshAllReduce::sum(float* x, int batch, int dim) {
     mesh_.stats.sync_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+namespace {
+
+std::vector<StepEntry> positions_of(const std::vector<RootEntry>& entries) {
+    std::vector<StepEntry> at;
+    at.reserve(entries.size());
+    for (const RootEntry& e : entries) at.push_back(e.at);
+    return at;
+}
+
+// This node's forward pass over the entries; `own` receives one row of its vocab slice per entry
+// that asks for an output
+void run_own(Transformer& model, const std::vector<RootEntry>& entries, const int* tokens, std::vector<float>& own) {
+    const std::vector<StepEntry> at = positions_of(entries);
+    std::unique_ptr<bool[]> wants(new bool[entries.size()]);
+    int rows = 0;
+    for (size_t e = 0; e < entries.size(); e++) rows += wants[e] = entries[e].output != StepOutput::None;
+    own.resize((size_t)rows * model.plan().vocab());
+    model.forward(at.data(), (int)at.size(), tokens, wants.get(), rows ? own.data() : nullptr);
+}
+
+// The outputs of one node's rows (run_own's), as node `node` of `nodes` answers: Logits rows
+// into out.logits at the node's vocab offset, top-k into out.parts[...][node]
+void place_own(const Transformer& model, const std::vector<RootEntry>& entries, const std::vector<float>& own,
+               int node, int nodes, StepResult& out) {
+    const SlicePlan& plan = model.plan();
+    const size_t slice = plan.vocab(), vocab = model.config().vocab_size;
+    size_t row = 0, li = 0, ti = 0;
+    for (const RootEntry& e : entries) {
+        if (e.output == StepOutput::None) continue;
+        const float* x = own.data() + row++ * slice;
+        if (e.output == StepOutput::Logits) {
+            std::memcpy(out.logits.data() + li++ * vocab + plan.vocab_begin, x, slice * sizeof(float));
+        } else {
+            out.parts[ti].resize(nodes);
+            out.parts[ti++][node] = top_k(x, (int)slice, plan.vocab_begin, e.temperature);
+        }
+    }
+}
+
+void size_result(const std::vector<RootEntry>& entries, int vocab, StepResult& out) {
+    size_t logits = 0, topk = 0;
+    for (const RootEntry& e : entries) {
+        logits += e.output == StepOutput::Logits;
+        topk += e.output == StepOutput::TopK;
+    }
+    out.logits.assign(logits * vocab, 0.0f);
+    out.parts.assign(topk, {});
+}
+
+// What a worker answers for an entry with this output: its logits slice, a top-k, or nothing.
+size_t reply_bytes(int32_t output, int vocab_slice) {
+    if (output == (int32_t)StepOutput::Logits) return (size_t)vocab_slice * sizeof(float);
+    if (output == (int32_t)StepOutput::TopK) return sizeof(TopK);
+    return 0;
+}
+
+}  // namespace
+
+void check_outputs(const std::vector<RootEntry>& entries) {
+    for (const RootEntry& e : entries) {
+        if (e.output != StepOutput::None && e.output != StepOutput::Logits && e.output != StepOutput::TopK)
+            throw std::invalid_argument("output must be NONE, LOGITS or TOPK");
+        if (!temperature_in_range(e.temperature)) throw std::invalid_argument("temperature must be a finite number >= 0");
+    }
+}
+
+void local_step(Transformer& model, const std::vector<RootEntry>& entries, const int* tokens, StepResult& out) {
+    check_outputs(entries);
+    std::vector<float> own;
+    run_own(model, entries, tokens, own);
+    size_result(entries, model.config().vocab_size, out);
+    place_own(model, entries, own, 0, 1, out);
+}
+
 ClusterRoot::ClusterRoot(Transformer& model, Mesh& mesh, bool q80, std::vector<int> worker_vocab)
     : model_(model),
       mesh_(mesh),
@@ -113,43 +188,60 @@ ClusterRoot::ClusterRoot(Transformer& model, Mesh& mesh, bool q80, std::vector<i
         total != model.config().vocab_size)
         throw std::invalid_argument("the vocab slices must cover the vocabulary in node order, the root's first");
     model_.set_all_reduce(&all_reduce_);
-    local_.resize(model.plan().vocab());
 }
 
-void ClusterRoot::step(const int* tokens, int n, int pos, StepOutput output, float temperature, float* logits,
-                       std::vector<TopK>* parts) {
-    const bool wants = output != StepOutput::None;
-    StepHeader header{kStepMagic, pos, n, (int32_t)output, temperature};
-    // a bad token, position or temperature must fail here, before the workers start on the step
-    model_.check_step(n, pos);
-    model_.check_tokens(tokens, n);
-    if (!temperature_in_range(temperature)) throw std::invalid_argument("temperature must be a finite number >= 0");
+void ClusterRoot::step(const std::vector<RootEntry>& entries, const int* tokens, StepResult& out) {
+    // a bad entry, token or temperature must fail here, before the workers start on the step
+    check_outputs(entries);
+    const std::vector<StepEntry> at = positions_of(entries);
+    model_.check_step(at.data(), (int)at.size(), tokens);
+    int64_t n_tokens = 0;
+    std::vector<uint8_t> body(entries.size() * sizeof(WireEntry));
+    for (size_t e = 0; e < entries.size(); e++) {
+        const RootEntry& x = entries[e];
+        const WireEntry w{x.at.seq, x.at.pos, x.at.n, (int32_t)x.output, x.temperature};
+        std::memcpy(body.data() + e * sizeof w, &w, sizeof w);
+        n_tokens += x.at.n;
+    }
+    body.insert(body.end(), reinterpret_cast<const uint8_t*>(tokens),
+                reinterpret_cast<const uint8_t*>(tokens + n_tokens));
+    const StepHeader header{kStepMagic, 0, (int32_t)entries.size(), (int32_t)n_tokens};
     for (int p = 1; p < mesh_.size(); p++) {
         mesh_.send(p, &header, sizeof header);
-        mesh_.send(p, tokens, (size_t)n * sizeof(int32_t));
+        mesh_.send(p, body.data(), body.size());
     }
-    float* own = output == StepOutput::Logits ? logits : local_.data();
-    model_.forward(tokens, n, pos, wants ? own : nullptr);
-    if (output == StepOutput::Logits) {
-        size_t at = model_.plan().vocab();
-        for (int p = 1; p < mesh_.size(); p++) {
-            mesh_.recv(p, logits + at, (size_t)worker_vocab_[p] * sizeof(float));
-            at += worker_vocab_[p];
-        }
-    } else if (output == StepOutput::TopK) {
-        parts->resize(mesh_.size());
-        (*parts)[0] = top_k(local_.data(), model_.plan().vocab(), model_.plan().vocab_begin, temperature);
-        for (int p = 1; p < mesh_.size(); p++) {
-            TopK& reply = (*parts)[p];
-            mesh_.recv(p, &reply, sizeof reply);
-            const std::string problem = top_k_problem(reply, vocab_begin_[p], worker_vocab_[p]);
-            if (!problem.empty()) throw NetError(p, mesh_.name(p) + ": sent a malformed top-k reply (" + problem + ")");
+
+    run_own(model_, entries, tokens, local_);
+    size_result(entries, model_.config().vocab_size, out);
+    place_own(model_, entries, local_, 0, mesh_.size(), out);
+    const size_t vocab = model_.config().vocab_size;
+    for (int p = 1; p < mesh_.size(); p++) {
+        size_t bytes = 0;
+        for (const RootEntry& e : entries) bytes += reply_bytes((int32_t)e.output, worker_vocab_[p]);
+        if (bytes == 0) continue;
+        reply_.resize(bytes);
+        mesh_.recv(p, reply_.data(), bytes);
+        const uint8_t* at_reply = reply_.data();
+        size_t li = 0, ti = 0;
+        for (const RootEntry& e : entries) {
+            if (e.output == StepOutput::Logits) {
+                const size_t size = (size_t)worker_vocab_[p] * sizeof(float);
+                std::memcpy(out.logits.data() + li++ * vocab + vocab_begin_[p], at_reply, size);
+                at_reply += size;
+            } else if (e.output == StepOutput::TopK) {
+                TopK& reply = out.parts[ti++][p];
+                std::memcpy(&reply, at_reply, sizeof reply);
+                at_reply += sizeof reply;
+                const std::string problem = top_k_problem(reply, vocab_begin_[p], worker_vocab_[p]);
+                if (!problem.empty())
+                    throw NetError(p, mesh_.name(p) + ": sent a malformed top-k reply (" + problem + ")");
+            }
         }
     }
 }
 
 void ClusterRoot::stop() {
-    StepHeader header{kStepMagic, 0, 0, (int32_t)StepOutput::Stop, 0};
+    const StepHeader header{kStepMagic, 1, 0, 0};
     for (int p = 1; p < mesh_.size(); p++) {
         try {
             mesh_.send(p, &header, sizeof header);
@@ -166,32 +258,60 @@ std::string serve_worker(Transformer& model, Mesh& mesh, bool q80) {
         Transformer& model;
         ~Detach() { model.set_all_reduce(nullptr); }
     } detach{model};
-    std::vector<int32_t> tokens;
-    std::vector<float> logits(model.plan().vocab());
+    std::vector<uint8_t> body, reply;
+    std::vector<RootEntry> entries;
+    std::vector<float> own;
+    const int vocab_slice = model.plan().vocab();
     try {
         for (;;) {
             StepHeader h{};
             mesh.recv(0, &h, sizeof h, /*wait_forever=*/true);
             if (h.magic != kStepMagic) return "the root sent a malformed step";
-            if (h.output == (int32_t)StepOutput::Stop) return "the root ended the session";
-            if (h.n_tokens <= 0 || h.n_tokens > model.max_seq_len() || h.pos < 0 ||
-                (int64_t)h.pos + h.n_tokens > model.max_seq_len() || h.output < 0 || h.output > 2 ||
-                !temperature_in_range(h.temperature))
+            if (h.stop == 1) return "the root ended the session";
+            // every count bounded before it sizes anything: no more tokens than the KV cache
+            // has positions, which this node already holds memory for
+            if (h.stop != 0 || h.n_entries < 1 || h.n_entries > model.max_sequences() || h.n_tokens < 1 ||
+                (int64_t)h.n_tokens > (int64_t)h.n_entries * model.max_seq_len())
                 return "the root sent a step out of range";
-            tokens.resize(h.n_tokens);
-            mesh.recv(0, tokens.data(), tokens.size() * sizeof(int32_t));
-            const bool wants = h.output != (int32_t)StepOutput::None;
+            body.resize((size_t)h.n_entries * sizeof(WireEntry) + (size_t)h.n_tokens * sizeof(int32_t));
+            mesh.recv(0, body.data(), body.size());
+            entries.clear();
+            int64_t total = 0;
+            size_t reply_size = 0;
+            for (int e = 0; e < h.n_entries; e++) {
+                WireEntry w;
+                std::memcpy(&w, body.data() + e * sizeof w, sizeof w);
+                if (w.output < 0 || w.output > 2 || !temperature_in_range(w.temperature) || w.n_tokens < 1)
+                    return "the root sent a step out of range";
+                total += w.n_tokens;
+                reply_size += reply_bytes(w.output, vocab_slice);
+                entries.push_back({{w.seq, w.pos, w.n_tokens}, (StepOutput)w.output, w.temperature});
+            }
+            if (total != h.n_tokens) return "the root sent a step whose entries do not add up to its tokens";
+            std::vector<int32_t> tokens(h.n_tokens);  // aligned copy of the body's tail
+            std::memcpy(tokens.data(), body.data() + (size_t)h.n_entries * sizeof(WireEntry), tokens.size() * sizeof(int32_t));
             try {
-                model.forward(tokens.data(), h.n_tokens, h.pos, wants ? logits.data() : nullptr);
+                run_own(model, entries, tokens.data(), own);
             } catch (const std::invalid_argument& e) {
                 return std::string("the root sent a step this node cannot run: ") + e.what();
             }
-            if (h.output == (int32_t)StepOutput::Logits) {
-                mesh.send(0, logits.data(), logits.size() * sizeof(float));
-            } else if (h.output == (int32_t)StepOutput::TopK) {
-                const TopK t = top_k(logits.data(), model.plan().vocab(), model.plan().vocab_begin, h.temperature);
-                mesh.send(0, &t, sizeof t);
+            if (reply_size == 0) continue;
+            reply.resize(reply_size);
+            uint8_t* at = reply.data();
+            size_t row = 0;
+            for (const RootEntry& e : entries) {
+                if (e.output == StepOutput::None) continue;
+                const float* x = own.data() + row++ * vocab_slice;
+                if (e.output == StepOutput::Logits) {
+                    std::memcpy(at, x, (size_t)vocab_slice * sizeof(float));
+                    at += (size_t)vocab_slice * sizeof(float);
+                } else {
+                    const TopK t = top_k(x, vocab_slice, model.plan().vocab_begin, e.temperature);
+                    std::memcpy(at, &t, sizeof t);
+                    at += sizeof t;
+                }
             }
+            mesh.send(0, reply.data(), reply.size());
         }
     } catch (const NetError& e) {
         return e.what();

@@ -15,11 +15,13 @@ static void require(bool ok, const std::string& what) {
 }
 
 Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads, int max_seq_len,
-                         int max_batch)
+                         int max_batch, int max_sequences, FloatType kv_type)
     : config_(c),
       plan_(p),
       max_seq_len_(max_seq_len),
       max_batch_(max_batch),
+      max_sequences_(max_sequences),
+      kv_type_(kv_type),
       pool_(n_threads),
       rope_(c.head_dim, max_seq_len, c.rope_theta, c.rope_scaling) {
     require(c.arch == Arch::Llama || c.arch == Arch::Qwen3 || c.arch == Arch::Qwen3Moe,
@@ -34,6 +36,9 @@ Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads
     require(rs.factor <= 0 || (rs.orig_max_seq_len > 0 && 0 < rs.low_freq_factor && rs.low_freq_factor < rs.high_freq_factor),
             "llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and orig_max_seq_len > 0");
     require(max_seq_len > 0 && max_batch > 0, "max_seq_len and max_batch must be positive");
+    require(max_sequences > 0 && max_sequences <= kMaxSequences,
+            "max_sequences must be between 1 and " + std::to_string(kMaxSequences));
+    require(kv_type == FloatType::F32 || kv_type == FloatType::F16, "the KV cache must be F32 or F16");
     require(!c.is_moe() || (c.n_experts > 0 && c.n_active_experts > 0 &&
                             c.n_active_experts <= c.n_experts && c.moe_hidden_dim > 0),
             "a MoE model needs n_experts >= n_active_experts > 0 and moe_hidden_dim > 0");
@@ -67,8 +72,11 @@ Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads
     h1_.resize(B * k * hidden);
     h3_.resize(B * k * hidden);
     hq_.resize(B * k * hidden / kBlockSize);
-    final_.resize(dim);
-    finalq_.resize(dim / kBlockSize);
+    const size_t outputs = std::min(max_batch, max_sequences);
+    final_.resize(outputs * dim);
+    finalq_.resize(outputs * dim / kBlockSize);
+    tok_seq_.resize(B);
+    tok_pos_.resize(B);
     if (c.is_moe()) {
         router_.resize(B * c.n_experts);
         if (c.weight_type == FloatType::Q40) gxq_.resize(B * k * dim / kBlockSize);
@@ -80,11 +88,13 @@ Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads
     }
     weights_.layers.resize(c.n_layers);
     for (auto& l : weights_.layers) l.experts.resize(c.is_moe() ? c.n_experts : 0);
+    kv_row_bytes_ = (size_t)kv_dim_ * (kv_type == FloatType::F16 ? sizeof(uint16_t) : sizeof(float));
     key_cache_.resize(c.n_layers);
     value_cache_.resize(c.n_layers);
-    for (int l = 0; l < c.n_layers; l++) {
-        key_cache_[l].assign((size_t)max_seq_len * kv_dim_, 0.0f);
-        value_cache_[l].assign((size_t)max_seq_len * kv_dim_, 0.0f);
+    const size_t cache_bytes = (size_t)max_sequences * max_seq_len * kv_row_bytes_;
+    for (int l = 0; l < c.n_layers; l++) {  // zeroed: the memory is the process's from here on
+        key_cache_[l].assign(cache_bytes, 0);
+        value_cache_[l].assign(cache_bytes, 0);
     }
 }
 
@@ -196,15 +206,24 @@ void Transformer::sync(float* x, int n) {
     if (all_reduce_) all_reduce_->sum(x, n, config_.dim);
 }
 
-void Transformer::check_step(int n, int pos) const {
-    if (n <= 0) throw std::invalid_argument("forward needs at least one token");
-    if (pos < 0 || (int64_t)pos + n > max_seq_len_)
-        throw std::invalid_argument("position " + std::to_string(pos) + " + " + std::to_string(n) +
-                                    " tokens exceeds max_seq_len " + std::to_string(max_seq_len_));
-}
-
-void Transformer::check_tokens(const int* tokens, int n) const {
-    for (int i = 0; i < n; i++)
+void Transformer::check_step(const StepEntry* entries, int n_entries, const int* tokens) const {
+    if (n_entries <= 0) throw std::invalid_argument("a step needs at least one entry");
+    std::vector<bool> seen(max_sequences_, false);
+    int64_t total = 0;
+    for (int e = 0; e < n_entries; e++) {
+        const StepEntry& x = entries[e];
+        if (x.seq < 0 || x.seq >= max_sequences_)
+            throw std::invalid_argument("sequence " + std::to_string(x.seq) + " is not in 0.." +
+                                        std::to_string(max_sequences_ - 1));
+        if (seen[x.seq]) throw std::invalid_argument("sequence " + std::to_string(x.seq) + " appears twice in one step");
+        seen[x.seq] = true;
+        if (x.n <= 0) throw std::invalid_argument("every entry needs at least one token");
+        if (x.pos < 0 || (int64_t)x.pos + x.n > max_seq_len_)
+            throw std::invalid_argument("position " + std::to_string(x.pos) + " + " + std::to_string(x.n) +
+                                        " tokens exceeds max_seq_len " + std::to_string(max_seq_len_));
+        total += x.n;
+    }
+    for (int64_t i = 0; i < total; i++)
         if (tokens[i] < 0 || tokens[i] >= config_.vocab_size)
             throw std::invalid_argument("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
                                         std::to_string(config_.vocab_size) + ")");
@@ -215,17 +234,46 @@ void Transformer::embed(const int* tokens, int n, float* x) const {
     for (int i = 0; i < n; i++) std::memcpy(x + i * dim, weights_.embedding.row(tokens[i]), dim * sizeof(float));
 }
 
-void Transformer::forward(const int* tokens, int n, int pos, float* logits) {
-    check_step(n, pos);
-    check_tokens(tokens, n);  // all of them before the first chunk changes the cache
-    for (int done = 0; done < n; done += max_batch_) {
-        const int chunk = std::min(max_batch_, n - done);
+void Transformer::forward(const int* tokens, int n, int pos, float* logits, int seq) {
+    const StepEntry entry{seq, pos, n};
+    const bool wants = logits != nullptr;
+    forward(&entry, 1, tokens, &wants, logits);
+}
+
+void Transformer::forward(const StepEntry* entries, int n_entries, const int* tokens, const bool* wants,
+                          float* logits) {
+    check_step(entries, n_entries, tokens);  // all of it before the first chunk changes a cache
+    // the step's tokens end to end, cut into chunks of max_batch rows; an entry may span chunks
+    // (its later tokens see the earlier ones through the cache)
+    int64_t total = 0;
+    for (int e = 0; e < n_entries; e++) total += entries[e].n;
+    const size_t vocab = plan_.vocab();
+    int entry = 0, in_entry = 0, out_row = 0;
+    std::vector<int> out_rows;
+    for (int64_t done = 0; done < total;) {
+        const int chunk = (int)std::min<int64_t>(max_batch_, total - done);
+        out_rows.clear();
+        const int first_out = out_row;
+        for (int b = 0; b < chunk; b++) {
+            const StepEntry& x = entries[entry];
+            tok_seq_[b] = x.seq;
+            tok_pos_[b] = x.pos + in_entry;
+            if (++in_entry == x.n) {  // the entry's last token
+                if (wants[entry]) {
+                    out_rows.push_back(b);
+                    out_row++;
+                }
+                entry++;
+                in_entry = 0;
+            }
+        }
         embed(tokens + done, chunk, x_.data());
-        forward_chunk(chunk, pos + done, done + chunk == n ? logits : nullptr);
+        forward_chunk(chunk, out_rows, logits ? logits + (size_t)first_out * vocab : nullptr);
+        done += chunk;
     }
 }
 
-void Transformer::forward_chunk(int n, int pos, float* logits) {
+void Transformer::forward_chunk(int n, const std::vector<int>& out_rows, float* logits) {
     const ModelConfig& c = config_;
     const size_t dim = c.dim;
 
@@ -233,7 +281,7 @@ void Transformer::forward_chunk(int n, int pos, float* logits) {
         const LayerWeights& L = weights_.layers[l];
         // attention block: x += wo(attention(norm(x)))
         for (int b = 0; b < n; b++) rmsnorm(&xb_[b * dim], &x_[b * dim], L.attn_norm.f32(), c.dim, c.norm_eps);
-        attention(l, n, pos);
+        attention(l, n);
         sync(part_.data(), n);
         for (size_t i = 0; i < n * dim; i++) x_[i] += part_[i];
 
@@ -245,15 +293,17 @@ void Transformer::forward_chunk(int n, int pos, float* logits) {
         for (size_t i = 0; i < n * dim; i++) x_[i] += part_[i];
     }
 
-    if (!logits) return;
-    // final norm and LM head, last token only
-    rmsnorm(final_.data(), &x_[(n - 1) * dim], weights_.final_norm.f32(), c.dim, c.norm_eps);
-    const void* in = matmul_input(final_.data(), finalq_.data(), 1, c.dim);
-    MatmulJob job{&weights_.lm_head, logits, in, 1};
+    if (out_rows.empty() || !logits) return;
+    // final norm and LM head over the rows that give an output: the LM head read once for all
+    const int outs = (int)out_rows.size();
+    for (int o = 0; o < outs; o++)
+        rmsnorm(&final_[o * dim], &x_[(size_t)out_rows[o] * dim], weights_.final_norm.f32(), c.dim, c.norm_eps);
+    const void* in = matmul_input(final_.data(), finalq_.data(), outs, c.dim);
+    MatmulJob job{&weights_.lm_head, logits, in, outs};
     run_matmuls(&job, 1);
 }
 
-void Transformer::attention(int l, int n, int pos) {
+void Transformer::attention(int l, int n) {
     const ModelConfig& c = config_;
     const LayerWeights& L = weights_.layers[l];
     const Kernels& kern = kernels();
@@ -266,36 +316,58 @@ void Transformer::attention(int l, int n, int pos) {
     run_matmuls(qkv, 3);
 
     // per-head q/k norm (qwen3), rotary position, then k and v into the cache
-    std::vector<float>& kc = key_cache_[l];
-    std::vector<float>& vc = value_cache_[l];
+    std::vector<uint8_t>& kc = key_cache_[l];
+    std::vector<uint8_t>& vc = value_cache_[l];
+    const bool f16 = kv_type_ == FloatType::F16;
     const RopeStyle style = c.rope_style;
     pool_.for_chunks(n, [&](int b) {
         float* q = &q_[(size_t)b * q_dim_];
         float* k = &k_[(size_t)b * kv_dim_];
+        const float* v = &v_[(size_t)b * kv_dim_];
+        const int s = tok_seq_[b], p = tok_pos_[b];
         if (c.has_qk_norm()) {
             for (int h = 0; h < n_q; h++) rmsnorm(q + h * hd, q + h * hd, L.q_norm.f32(), hd, c.norm_eps);
             for (int h = 0; h < n_kv; h++) rmsnorm(k + h * hd, k + h * hd, L.k_norm.f32(), hd, c.norm_eps);
         }
-        rope_.apply(q, n_q, pos + b, style);
-        rope_.apply(k, n_kv, pos + b, style);
-        std::memcpy(&kc[(size_t)(pos + b) * kv_dim_], k, kv_dim_ * sizeof(float));
-        std::memcpy(&vc[(size_t)(pos + b) * kv_dim_], &v_[(size_t)b * kv_dim_], kv_dim_ * sizeof(float));
+        rope_.apply(q, n_q, p, style);
+        rope_.apply(k, n_kv, p, style);
+        if (f16) {
+            kern.convert_f32_f16(k, reinterpret_cast<uint16_t*>(kv_at(kc, s, p)), kv_dim_);
+            kern.convert_f32_f16(v, reinterpret_cast<uint16_t*>(kv_at(vc, s, p)), kv_dim_);
+        } else {
+            std::memcpy(kv_at(kc, s, p), k, kv_row_bytes_);
+            std::memcpy(kv_at(vc, s, p), v, kv_row_bytes_);
+        }
     });
 
-    // causal attention: token b at position pos+b sees positions 0..pos+b
+    // causal attention: token b at position p of sequence s sees that sequence's positions 0..p
+    // (written above for this chunk's own tokens, earlier for the rest)
     const float scale = 1.0f / std::sqrt((float)hd);
+    const size_t elem = f16 ? sizeof(uint16_t) : sizeof(float);
     pool_.run([&](int t, int nt) {
         float* scores = &scores_[(size_t)t * max_seq_len_];
         for (int task = t; task < n * n_q; task += nt) {
             const int b = task / n_q, h = task % n_q;
             const int kvh = (plan_.q_head_begin + h) / group - plan_.kv_head_begin;
-            const int len = pos + b + 1;
+            const int s = tok_seq_[b], len = tok_pos_[b] + 1;
             const float* q = &q_[(size_t)b * q_dim_ + h * hd];
-            for (int s = 0; s < len; s++) scores[s] = kern.vec_dot_f32(hd, q, &kc[(size_t)s * kv_dim_ + kvh * hd]) * scale;
-            softmax(scores, len);
+            const uint8_t* keys = kv_at(kc, s, 0) + (size_t)kvh * hd * elem;
+            const uint8_t* values = kv_at(vc, s, 0) + (size_t)kvh * hd * elem;
             float* out = &att_[(size_t)b * q_dim_ + h * hd];
             std::memset(out, 0, hd * sizeof(float));
-            for (int s = 0; s < len; s++) kern.vec_mad_f32(hd, out, &vc[(size_t)s * kv_dim_ + kvh * hd], scores[s]);
+            if (f16) {
+                for (int i = 0; i < len; i++)
+                    scores[i] = kern.vec_dot_f16(hd, q, reinterpret_cast<const uint16_t*>(keys + i * kv_row_bytes_)) * scale;
+                softmax(scores, len);
+                for (int i = 0; i < len; i++)
+                    kern.vec_mad_f16(hd, out, reinterpret_cast<const uint16_t*>(values + i * kv_row_bytes_), scores[i]);
+            } else {
+                for (int i = 0; i < len; i++)
+                    scores[i] = kern.vec_dot_f32(hd, q, reinterpret_cast<const float*>(keys + i * kv_row_bytes_)) * scale;
+                softmax(scores, len);
+                for (int i = 0; i < len; i++)
+                    kern.vec_mad_f32(hd, out, reinterpret_cast<const float*>(values + i * kv_row_bytes_), scores[i]);
+            }
         }
     });
 

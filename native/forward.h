@@ -18,12 +18,22 @@ public:
     virtual void sum(float* x, int batch, int dim) = 0;
 };
 
+// Sequences one KV cache holds at most: a bound on what a root may ask a worker to allocate
+// before its memory check, far above what boards serve at once.
+constexpr int kMaxSequences = 256;
+
+// One sequence's part of a step: n tokens at positions pos .. pos+n-1 of sequence seq.
+struct StepEntry {
+    int seq, pos, n;
+};
+
 class Transformer {
 public:
-    // max_batch bounds how many prompt tokens go through the layers together; longer prompts
-    // run in chunks of it.
+    // The KV cache holds max_sequences sequences of max_seq_len positions each, allocated here,
+    // in kv_type (F32 or F16). max_batch bounds how many tokens go through the layers together;
+    // a step with more runs in chunks of it.
     Transformer(const ModelConfig& config, const SlicePlan& plan, int n_threads, int max_seq_len,
-                int max_batch);
+                int max_batch, int max_sequences = 1, FloatType kv_type = FloatType::F32);
 
     // Points an F32 weight at memory the caller keeps alive; copies a Q40 one into packed
     // memory of its own (repack.h), so the caller's copy is no longer read. layer and expert
@@ -35,17 +45,24 @@ public:
     void check_bound() const;
     void set_all_reduce(AllReduce* all_reduce) { all_reduce_ = all_reduce; }
 
-    // Runs n tokens at positions pos .. pos+n-1 (the KV cache holds every earlier position).
-    // When logits is not null it receives the last token's logits over this node's vocab slice.
-    void forward(const int* tokens, int n, int pos, float* logits);
-    // Throw std::invalid_argument for a step forward would refuse.
-    void check_step(int n, int pos) const;
-    void check_tokens(const int* tokens, int n) const;
+    // Runs every entry's tokens (end to end in `tokens`) in one pass: each weight read once per
+    // chunk of max_batch tokens, each token's attention over its own sequence's cache (which
+    // holds every earlier position of it). For each entry with wants[e], `logits` receives its
+    // last token's logits over this node's vocab slice, one row per such entry, in entry order.
+    void forward(const StepEntry* entries, int n_entries, const int* tokens, const bool* wants, float* logits);
+    // One sequence: n tokens at pos of sequence seq, the last token's logits when logits is set.
+    void forward(const int* tokens, int n, int pos, float* logits, int seq = 0);
+    // Throws std::invalid_argument for a step forward would refuse (before anything changes):
+    // no entries, a sequence out of range or twice, a position range outside the context, a
+    // token outside the vocabulary.
+    void check_step(const StepEntry* entries, int n_entries, const int* tokens) const;
 
     const ModelConfig& config() const { return config_; }
     const SlicePlan& plan() const { return plan_; }
     int max_seq_len() const { return max_seq_len_; }
     int max_batch() const { return max_batch_; }
+    int max_sequences() const { return max_sequences_; }
+    FloatType kv_type() const { return kv_type_; }
     int n_threads() const { return pool_.size(); }
 
 private:
@@ -61,8 +78,14 @@ private:
     const void* matmul_input(const float* x, BlockQ80* xq, int rows, int cols);
 
     void embed(const int* tokens, int n, float* x) const;
-    void forward_chunk(int n, int pos, float* logits);  // x_ holds the n rows
-    void attention(int layer, int n, int pos);
+    // x_ holds n rows, token b of sequence tok_seq_[b] at position tok_pos_[b]; the rows listed
+    // in out_rows get the final norm and the LM head, into logits (one row each)
+    void forward_chunk(int n, const std::vector<int>& out_rows, float* logits);
+    void attention(int layer, int n);
+    // where layer l keeps the key (or value) of sequence s at position p
+    uint8_t* kv_at(std::vector<uint8_t>& cache, int s, int p) const {
+        return cache.data() + ((size_t)s * max_seq_len_ + p) * kv_row_bytes_;
+    }
     void dense_ffn(int layer, int n);
     void moe_ffn(int layer, int n);
     // moe_ffn's steps
@@ -74,7 +97,9 @@ private:
 
     ModelConfig config_;
     SlicePlan plan_;
-    int max_seq_len_, max_batch_;
+    int max_seq_len_, max_batch_, max_sequences_;
+    FloatType kv_type_;
+    size_t kv_row_bytes_;  // one position's keys (or values) of this node's kv heads
     ThreadPool pool_;
     RopeTable rope_;
     Weights weights_;
@@ -104,11 +129,12 @@ private:
     std::vector<int> route_expert_;    // [B * k] expert of each (token, choice)
     std::vector<float> route_weight_;  // [B * k] its renormalised router probability
     std::vector<int> route_slot_;      // [B * k] its row in the grouped buffers
-    std::vector<float> final_;     // [dim] last token after the final norm
-    std::vector<BlockQ80> finalq_; // [dim / 32]
+    std::vector<int> tok_seq_, tok_pos_;  // [B] each row's sequence and position
+    std::vector<float> final_;     // [min(B, max_sequences), dim] output rows after the final norm
+    std::vector<BlockQ80> finalq_; // [min(B, max_sequences), dim / 32]
 
-    // KV cache per layer: [max_seq_len, kv_dim]
-    std::vector<std::vector<float>> key_cache_, value_cache_;
+    // KV cache per layer: [max_sequences, max_seq_len, kv_dim] of F32 or F16
+    std::vector<std::vector<uint8_t>> key_cache_, value_cache_;
 };
 
 }  // namespace dllama

@@ -29,6 +29,11 @@ struct Kernels {
     float (*vec_dot_f32)(int n, const float* a, const float* b);
     // y[i] += a * x[i]
     void (*vec_mad_f32)(int n, float* y, const float* x, float a);
+    // The same over an F16 row (the KV cache's keys and values with --kv-cache-type f16), and
+    // the conversion that stores one: y[i] = fp32_to_fp16(x[i]), rounded to nearest even.
+    float (*vec_dot_f16)(int n, const float* a, const uint16_t* b);
+    void (*vec_mad_f16)(int n, float* y, const uint16_t* x, float a);
+    void (*convert_f32_f16)(const float* x, uint16_t* y, int n);
 
     // Row range [r0, r1) of y = W x for a batch of activation rows, W a Q40 matrix packed by
     // pack_q40_groups (repack.h), the form the forward pass binds:

@@ -91,6 +91,24 @@ static void vec_mad_f32_generic(int n, float* y, const float* x, float a) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+static float vec_dot_f16_generic(int n, const float* a, const uint16_t* b) {
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += a[i + k] * fp16_to_fp32(b[i + k]);
+    float sum = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; i < n; i++) sum += a[i] * fp16_to_fp32(b[i]);
+    return sum;
+}
+
+static void vec_mad_f16_generic(int n, float* y, const uint16_t* x, float a) {
+    for (int i = 0; i < n; i++) y[i] += a * fp16_to_fp32(x[i]);
+}
+
+static void convert_f32_f16_generic(const float* x, uint16_t* y, int n) {
+    for (int i = 0; i < n; i++) y[i] = fp32_to_fp16(x[i]);
+}
+
 // Row by row over the packed groups, block after block: sum over blocks of d_w * d_x * (the
 // block's integer dot). The row-major reference in tests/test_kernels.cpp sums in this order
 // over the unpacked matrix, and the two agree bit for bit.
@@ -137,6 +155,9 @@ static const Kernels kGeneric = {
     dequantize_row_q40_generic,
     vec_dot_f32_generic,
     vec_mad_f32_generic,
+    vec_dot_f16_generic,
+    vec_mad_f16_generic,
+    convert_f32_f16_generic,
     matmul_q40x8_q80_generic,
     matmul_f32_generic,
 };

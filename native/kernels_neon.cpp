@@ -255,6 +255,34 @@ void vec_mad_f32_neon(int n, float* y, const float* x, float a) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+// keys and values stored as F16: widened 4 at a time (fcvtl), then as the F32 loops
+float16x4_t load_f16x4(const uint16_t* p) { return vreinterpret_f16_u16(vld1_u16(p)); }
+
+float vec_dot_f16_neon(int n, const float* a, const uint16_t* b) {
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), vcvt_f32_f16(load_f16x4(b + i)));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vcvt_f32_f16(load_f16x4(b + i + 4)));
+    }
+    for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(a + i), vcvt_f32_f16(load_f16x4(b + i)));
+    float sum = vaddvq_f32(vaddq_f32(s0, s1));
+    for (; i < n; i++) sum += a[i] * fp16_to_fp32(b[i]);
+    return sum;
+}
+
+void vec_mad_f16_neon(int n, float* y, const uint16_t* x, float a) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vcvt_f32_f16(load_f16x4(x + i)), a));
+    for (; i < n; i++) y[i] += a * fp16_to_fp32(x[i]);
+}
+
+void convert_f32_f16_neon(const float* x, uint16_t* y, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    for (; i < n; i++) y[i] = fp32_to_fp16(x[i]);
+}
+
 void matmul_f32_neon(float* y, size_t y_stride, const uint8_t* w, size_t w_stride, const float* x,
                      size_t x_stride, int n, int r0, int r1, int batch) {
     if (batch == 1 && r1 - r0 == 1) {
@@ -272,6 +300,9 @@ const Kernels kNeon = {
     dequantize_row_q40_neon,
     vec_dot_f32_neon,
     vec_mad_f32_neon,
+    vec_dot_f16_neon,
+    vec_mad_f16_neon,
+    convert_f32_f16_neon,
     matmul_q40x8_q80_neon,
     matmul_f32_neon,
 };

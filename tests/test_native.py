@@ -27,7 +27,8 @@ def config(arch: Arch, weight_type: FloatType = FloatType.Q40, **kw) -> ModelCon
                                  head_dim=32, vocab_size=96, seq_len=64, weight_type=weight_type), **moe, **kw})
 
 
-def node_core(c: ModelConfig, node: NodeSlice | None = None, skip: str | None = None) -> _core.Transformer:
+def node_core(c: ModelConfig, node: NodeSlice | None = None, skip: str | None = None,
+              max_sequences: int = 1) -> _core.Transformer:
     """A core bound from a file's worth of small values (no file: the slices the table gives a
     node, placed in one buffer as in a .m file), leaving out the tensor named `skip`."""
     node = node or plan_slices(c, [1.0])[0]
@@ -35,7 +36,8 @@ def node_core(c: ModelConfig, node: NodeSlice | None = None, skip: str | None = 
     buffer = rng.integers(0, 16, layout_nbytes(c), dtype=np.uint8)  # Q40: small scales and nibbles
     if c.weight_type == FloatType.F32:
         buffer = (rng.standard_normal(layout_nbytes(c) // 4, dtype=np.float32) * 0.05).view(np.uint8)
-    core = _core.Transformer(native_config(c), native_plan(node), nthreads=2, max_seq_len=16, max_batch=4)
+    core = _core.Transformer(native_config(c), native_plan(node), nthreads=2, max_seq_len=16, max_batch=4,
+                             max_sequences=max_sequences)
     for t in node_slices(c, node):
         if t.name != skip:
             bind_tensor(core, t, buffer, t.offset, t.row_stride)
@@ -121,19 +123,44 @@ def test_the_core_refuses_a_slice_that_does_not_fit_the_model(change, message):
         _core.Transformer(native_config(c), native_plan(node))
 
 
-def test_a_cluster_step_takes_only_an_output_mode():
+def test_a_step_names_what_its_arrays_get_wrong():
     core = node_core(config(Arch.QWEN3))
-    with pytest.raises(TypeError):
-        core.step([1], 0, 1)  # a bare number is no StepOutput
-    with pytest.raises(ValueError, match="not attached to a cluster"):
-        core.step([1], 0, _core.StepOutput.TOPK)
+    NONE, TOPK = int(_core.StepOutput.NONE), int(_core.StepOutput.TOPK)
+
+    def step(seqs=(0,), positions=(0,), counts=(1,), tokens=(1,), outputs=(TOPK,), temperatures=(1.0,)):
+        return core.step(*(np.asarray(a) for a in (seqs, positions, counts, tokens, outputs)),
+                         np.asarray(temperatures, dtype=np.float32))
+
+    with pytest.raises(ValueError, match="one value per entry"):
+        step(seqs=(0, 1))
+    with pytest.raises(ValueError, match="add up to the tokens"):
+        step(counts=(2,))
+    with pytest.raises(ValueError, match="output must be NONE, LOGITS or TOPK"):
+        step(outputs=(7,))
+    with pytest.raises(ValueError, match="temperature"):
+        step(temperatures=(float("nan"),))
+    with pytest.raises(ValueError, match="sequence 1 is not in 0..0"):
+        step(seqs=(1,))
+    with pytest.raises(ValueError, match="appears twice"):
+        node_core(config(Arch.QWEN3), max_sequences=2).step(
+            np.array([0, 0]), np.array([0, 0]), np.array([1, 1]), np.array([1, 2]), np.array([NONE, NONE]),
+            np.array([1, 1], dtype=np.float32))
+    # one node alone answers a TOPK entry with one part: its own top 64 over the whole vocabulary
+    [(ids, logits, log_norm)] = step()[0]
+    assert len(ids) == len(logits) == min(64, config(Arch.QWEN3).vocab_size) and np.isfinite(log_norm)
 
 
 # -- the stub ----------------------------------------------------------------------------------
 
 def _stub() -> dict[str, ast.AST]:
-    return {node.name: node for node in ast.parse(STUB.read_text()).body
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")}
+    """Every public function, class and constant (an annotated name) the stub declares."""
+    out: dict[str, ast.AST] = {}
+    for node in ast.parse(STUB.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out[node.name] = node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out[node.target.id] = node
+    return {name: node for name, node in out.items() if not name.startswith("_")}
 
 
 def _parameters(stub: ast.FunctionDef) -> list[str]:
@@ -172,6 +199,9 @@ def test_the_stub_gives_every_class_the_cores_members_and_every_function_its_par
         runtime = getattr(_core, name)
         if isinstance(node, ast.FunctionDef):
             assert _parameters(node) == _runtime_parameters(runtime), name
+            continue
+        if isinstance(node, ast.AnnAssign):  # a constant: its type
+            assert type(runtime).__name__ == ast.unparse(node.annotation), name
             continue
         members = _members(node)
         if hasattr(runtime, "__members__"):  # an enum: its values

@@ -8,6 +8,9 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import Buffer
 
+MAX_SEQUENCES: int
+"""Sequences one KV cache holds at most."""
+
 def kernel_name() -> str:
     """The kernel set chosen for this CPU: "generic", "avx2" or "neon" (DLLAMA_KERNELS=generic
     forces the portable one)."""
@@ -203,8 +206,11 @@ class Transformer:
         nthreads: int = 1,
         max_seq_len: int = 4096,
         max_batch: int = 128,
+        max_sequences: int = 1,
+        kv_cache_type: FloatType = FloatType.F32,
     ) -> None:
-        """plan None: the whole model on this node."""
+        """plan None: the whole model on this node. The KV cache (max_sequences sequences of
+        max_seq_len positions, F32 or F16) is allocated here."""
     def bind(
         self,
         kind: TensorKind,
@@ -222,16 +228,26 @@ class Transformer:
         the core's own. dllama.native.bind_tensor binds a slice the table describes."""
     def check_bound(self) -> None:
         """Raises ValueError naming the first weight not bound yet."""
-    def forward(self, tokens: npt.ArrayLike, pos: int, logits: bool = True) -> npt.NDArray[np.float32] | None:
-        """A single node's step: tokens at pos..; the last one's logits over this node's vocab."""
+    def forward(
+        self, tokens: npt.ArrayLike, pos: int, logits: bool = True, seq: int = 0
+    ) -> npt.NDArray[np.float32] | None:
+        """One sequence's tokens at pos..; the last one's logits over this node's vocab slice."""
     def attach_root(self, mesh: Mesh, q80: bool, vocab_slices: list[int]) -> None:
         """Makes this the root of a cluster: steps then run on every node of the mesh."""
     def detach(self) -> None:
         """Tells the workers the session ended and leaves the cluster."""
     def step(
-        self, tokens: npt.ArrayLike, pos: int, output: StepOutput, temperature: float = 1.0
-    ) -> npt.NDArray[np.float32] | list[tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], float]] | None:
-        """One step on every node: None (NONE), the full logits (LOGITS), or per node its top-64
-        candidate ids, their logits and log(sum(exp(logit / temperature))) over its slice (TOPK)."""
+        self,
+        seqs: npt.ArrayLike,
+        positions: npt.ArrayLike,
+        counts: npt.ArrayLike,
+        tokens: npt.ArrayLike,
+        outputs: npt.ArrayLike,
+        temperatures: npt.ArrayLike,
+    ) -> list[npt.NDArray[np.float32] | list[tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], float]] | None]:
+        """One step over several sequences, on this node alone or (attached) on every node: entry e
+        feeds counts[e] of the tokens to sequence seqs[e] at positions[e]. Per entry: None (NONE),
+        its logits over the whole vocabulary (LOGITS), or per node its top-64 candidate ids, their
+        logits and log(sum(exp(logit / temperature))) over its slice (TOPK)."""
     def serve(self, mesh: Mesh, q80: bool) -> str:
         """A worker's loop: runs the root's steps until the session ends; returns why it ended."""

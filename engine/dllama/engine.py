@@ -31,7 +31,7 @@ KV_CACHE_TYPES = {"f32": _core.FloatType.F32, "f16": _core.FloatType.F16}
 # more runs in chunks of this many.
 DEFAULT_MAX_BATCH = 128
 DEFAULT_MAX_SEQ_LEN = 4096
-MAX_SEQUENCES = 256
+MAX_SEQUENCES = _core.MAX_SEQUENCES
 NONE, LOGITS, TOPK = _core.StepOutput.NONE, _core.StepOutput.LOGITS, _core.StepOutput.TOPK
 OUTPUTS = (NONE, LOGITS, TOPK)
 

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 # Bytes that always hold a whole header (what an HTTP Range request of a model's URL asks for).
 HEADER_PROBE_BYTES = header_size(MAX_HEADER_PAIRS)
-# The KV cache holds float32 keys and values (native/forward.cpp: key_cache_, value_cache_).
-KV_BYTES = 4
+# Bytes per key or value in the KV cache, by --kv-cache-type (native/forward.cpp: key_cache_,
+# value_cache_).
+KV_BYTES = {"f32": 4, "f16": 2}
 # What a node needs besides weights and KV cache: the Python interpreter with numpy and the
 # native core (~35 MiB RSS on x86_64), the forward pass's activation buffers (a few MiB at
 # 128-token batches), the API server's modules on the root.
@@ -95,16 +96,18 @@ def max_seq_len_of(config: ModelConfig, max_seq_len: int | None) -> int:
     return min(max_seq_len or config.seq_len, config.seq_len)
 
 
-def node_footprints(header: ModelHeader, weights: Sequence[float], max_seq_len: int | None
-                    ) -> list[NodeFootprint]:
-    """Every node's footprint, node 0 the root, for nodes with these weights (HOST:PORT@W)."""
+def node_footprints(header: ModelHeader, weights: Sequence[float], max_seq_len: int | None, sequences: int = 1,
+                    kv_cache_type: str = "f32") -> list[NodeFootprint]:
+    """Every node's footprint, node 0 the root, for nodes with these weights (HOST:PORT@W), a KV
+    cache of `sequences` sequences (dllama-api --parallel)."""
     config = header.config
     layout = _table(config, header.header_size)
     positions = max_seq_len_of(config, max_seq_len)
     out = []
     for i, node in enumerate(plan_slices(config, weights)):
         held = sum(t.nbytes for t in node_tensors(layout, node))
-        out.append(NodeFootprint(held, kv_cache_bytes(config, node, positions), receive_buffer=held if i else 0))
+        out.append(NodeFootprint(held, kv_cache_bytes(config, node, positions, sequences, kv_cache_type),
+                                 receive_buffer=held if i else 0))
     return out
 
 
@@ -125,10 +128,12 @@ def node_manifest(config: ModelConfig, node: NodeSlice) -> list[tuple[str, int, 
     return [(t.name, int(t.type), t.rows, t.cols) for t in node_slices(config, node)]
 
 
-def kv_cache_bytes(config: ModelConfig, node: NodeSlice, positions: int) -> int:
-    """Keys and values of the node's kv heads, every layer, `positions` tokens."""
+def kv_cache_bytes(config: ModelConfig, node: NodeSlice, positions: int, sequences: int = 1,
+                   kv_cache_type: str = "f32") -> int:
+    """Keys and values of the node's kv heads, every layer, `positions` tokens of each of
+    `sequences` sequences."""
     kv_dim = (node.kv_heads[1] - node.kv_heads[0]) * config.head_dim
-    return 2 * config.n_layers * positions * kv_dim * KV_BYTES
+    return 2 * config.n_layers * sequences * positions * kv_dim * KV_BYTES[kv_cache_type]
 
 
 def _q80_bytes(n: int) -> int:
@@ -136,7 +141,7 @@ def _q80_bytes(n: int) -> int:
 
 
 def activation_bytes(config: ModelConfig, node: NodeSlice, *, max_batch: int, positions: int, nodes: int,
-                     nthreads: int) -> int:
+                     nthreads: int, sequences: int = 1) -> int:
     """The buffers the native core sizes from max_batch and max_seq_len besides the KV cache
     (native/forward.cpp, Transformer::Transformer; native/cluster.cpp, the all-reduce and the
     worker's step): a root may ask for batches of thousands of tokens, which the runtime margin
@@ -146,14 +151,17 @@ def activation_bytes(config: ModelConfig, node: NodeSlice, *, max_batch: int, po
     kv = (node.kv_heads[1] - node.kv_heads[0]) * hd
     k = config.n_active_experts if config.is_moe else 1
     hidden = (node.moe[1] - node.moe[0]) if config.is_moe else (node.ffn[1] - node.ffn[0])
-    floats = b * (3 * dim + 2 * q + 2 * kv + 2 * k * hidden) + nthreads * positions + dim
-    blocks = b * (_q80_bytes(dim) + _q80_bytes(q) + k * _q80_bytes(hidden)) + _q80_bytes(dim)
+    outputs = min(b, sequences)  # rows through the final norm and the LM head at once
+    floats = b * (3 * dim + 2 * q + 2 * kv + 2 * k * hidden + 2) + nthreads * positions + outputs * dim
+    blocks = b * (_q80_bytes(dim) + _q80_bytes(q) + k * _q80_bytes(hidden)) + outputs * _q80_bytes(dim)
     if config.is_moe:
         floats += b * config.n_experts + 2 * b * k * dim  # router scores, expert inputs and outputs
         floats += 3 * b * k  # the routes: expert, weight, slot
     rope = 2 * positions * (hd // 2)  # cos and sin tables
     mesh = b * dim * (nodes + 1) + dim  # all-reduce: F32 rows (Q80 ones are smaller), one per node
-    step = positions + (node.vocab[1] - node.vocab[0])  # a step's tokens and the node's logits
+    # a step's entries (5 numbers each) and tokens (twice: as received and aligned), its output
+    # rows over the node's vocab slice and the reply built from them
+    step = sequences * (5 + 2 * positions + 2 * (node.vocab[1] - node.vocab[0]))
     return F32_BYTES * (floats + rope + mesh + step) + blocks
 
 
@@ -165,8 +173,9 @@ def session_memory_bytes(session: Session, nthreads: int = 1) -> int:
     config, node = session.config, session.slice
     held = sum(session.sizes)
     activations = activation_bytes(config, node, max_batch=session.max_batch, positions=session.max_seq_len,
-                                   nodes=session.nodes, nthreads=nthreads)
-    return NodeFootprint(held, kv_cache_bytes(config, node, session.max_seq_len), receive_buffer=held,
+                                   nodes=session.nodes, nthreads=nthreads, sequences=session.max_sequences)
+    kv_cache = kv_cache_bytes(config, node, session.max_seq_len, session.max_sequences, session.kv_cache_type)
+    return NodeFootprint(held, kv_cache, receive_buffer=held,
                          activations=activations).peak
 
 

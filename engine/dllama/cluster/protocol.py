@@ -21,7 +21,7 @@ import time
 from . import auth
 
 MAGIC = b"DLMC"
-VERSION = 2  # 2: proofs bound to the dialled address, MACed frames
+VERSION = 3  # 2: proofs bound to the dialled address, MACed frames; 3: steps over several sequences
 HEADER = struct.Struct("<4sHHI")
 
 

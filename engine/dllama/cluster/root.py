@@ -60,7 +60,8 @@ class Connected:
 
 
 def connect_workers(model: ModelFile, slices: list[NodeSlice], workers: list[WorkerAddress], *, key: bytes,
-                    q80: bool, max_seq_len: int, max_batch: int, data_mac: bool = True,
+                    q80: bool, max_seq_len: int, max_batch: int, max_sequences: int = 1,
+                    kv_cache_type: str = "f32", data_mac: bool = True,
                     timeout: float = CONNECT_TIMEOUT, progress: bool = True) -> Connected:
     channels: list[Channel] = []
     sent = 0
@@ -70,7 +71,8 @@ def connect_workers(model: ModelFile, slices: list[NodeSlice], workers: list[Wor
         for i, address in enumerate(workers, start=1):
             tensors = list(node_tensors(model, slices[i]))
             session = Session(model.config, slices[i], i, len(slices), q80, max_seq_len, max_batch, model_hash,
-                              [(t.name, int(t.type), t.rows, t.cols) for t in tensors], data_mac=data_mac)
+                              [(t.name, int(t.type), t.rows, t.cols) for t in tensors], data_mac=data_mac,
+                              max_sequences=max_sequences, kv_cache_type=kv_cache_type)
             ch = Channel(_dial(address, timeout), sender=ROOT, peer=WORKER)
             channels.append(ch)
             reply, data_key = _introduce(ch, address, key, session, timeout)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..config import BLOCK_SIZE, FloatType, ModelConfig, row_bytes
 from ..tensors import tensor_count
-from .footprint import node_manifest, node_slices
+from .footprint import KV_BYTES, node_manifest, node_slices
 from .plan import NodeSlice, kv_heads_of
 from .slices import TensorSlice
 
@@ -18,6 +18,7 @@ MAX_WEIGHT_BYTES = 64 * 1024**3
 MAX_NODES = 64
 MAX_SEQ_LEN = 1 << 20
 MAX_BATCH = 4096
+MAX_SEQUENCES = 256  # as the native core's kMaxSequences (dllama._core.MAX_SEQUENCES)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Session:
     model_hash: str
     manifest: list[tuple[str, int, int, int]]  # name, float type, rows, cols
     data_mac: bool = True  # the root's choice: every data-plane frame carries a MAC
+    max_sequences: int = 1  # sequences the KV cache holds (dllama-api --parallel)
+    kv_cache_type: str = "f32"
 
     @property
     def sizes(self) -> list[int]:
@@ -61,6 +64,8 @@ class Session:
             "model_hash": self.model_hash,
             "manifest": self.manifest,
             "data_mac": self.data_mac,
+            "max_sequences": self.max_sequences,
+            "kv_cache_type": self.kv_cache_type,
         }
 
     @classmethod
@@ -76,7 +81,7 @@ class Session:
             manifest = [_entry(e) for e in _of(d["manifest"], list)]
             session = cls(config, node_slice, _int(d["node"]), _int(d["nodes"]), _of(d["q80"], bool),
                           _int(d["max_seq_len"]), _int(d["max_batch"]), _of(d["model_hash"], str), manifest,
-                          _of(d.get("data_mac", True), bool))
+                          _of(d.get("data_mac", True), bool), _int(d["max_sequences"]), _of(d["kv_cache_type"], str))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed session config ({type(e).__name__}: {e})") from None
         try:
@@ -91,6 +96,10 @@ class Session:
                              f"(1..{min(MAX_SEQ_LEN, config.seq_len)})")
         if not 1 <= session.max_batch <= MAX_BATCH:
             raise ValueError(f"max_batch {session.max_batch} is out of range (1..{MAX_BATCH})")
+        if not 1 <= session.max_sequences <= MAX_SEQUENCES:
+            raise ValueError(f"max_sequences {session.max_sequences} is out of range (1..{MAX_SEQUENCES})")
+        if session.kv_cache_type not in KV_BYTES:
+            raise ValueError(f"kv_cache_type {session.kv_cache_type[:20]!r} is not one of {', '.join(KV_BYTES)}")
         if len(session.model_hash) > 128:
             raise ValueError("model_hash is longer than 128 characters")
         check_slice(config, node_slice)
