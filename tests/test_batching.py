@@ -177,9 +177,26 @@ def cluster(tmp_path_factory):
         w.stop()
 
 
-@pytest.fixture(params=[1, 3], ids=["1-node", "3-nodes"])
+NODE_IDS = {1: "1-node", 3: "3-nodes"}
+
+
+@pytest.fixture(params=sorted(NODE_IDS), ids=NODE_IDS.get)
 def workers(request) -> tuple[str, ...]:
     return () if request.param == 1 else tuple(request.getfixturevalue("cluster"))
+
+
+def weights_and_nodes() -> list:
+    """Every architecture with F32 and Q40 weights on 1 and 3 nodes, but the tiny Q40 MoE and Llama
+    on 3: Q40 rows are cut in whole blocks of 32, and the MoE's expert hidden size (32) and
+    Llama's heads (16 wide) have fewer blocks than nodes (tests/test_cluster.py clusters the
+    tiny Q40 Qwen3 alone too)."""
+    cases = []
+    for arch in ARCHS:
+        for weights in ("f32", "q40"):
+            for nodes in (1, 3):
+                if not (weights == "q40" and nodes == 3 and arch != "qwen3"):
+                    cases.append(pytest.param(arch, weights, nodes, id=f"{arch}-{weights}-{NODE_IDS[nodes]}"))
+    return cases
 
 
 def open_engine(model, workers, *, weights: str, max_sequences: int, kv_cache_type: str = "f32") -> Engine:
@@ -199,8 +216,7 @@ def alone(models):
     return run
 
 
-@pytest.mark.parametrize("weights", ["f32", "q40"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch, weights, workers", weights_and_nodes(), indirect=["workers"])
 def test_batched_logits_equal_alone(models, alone, workers, arch, weights):
     expected = alone(arch, weights, workers)
     with open_engine(models[arch, weights], workers, weights=weights, max_sequences=SLOTS) as engine:
@@ -231,8 +247,13 @@ def test_batched_candidates_are_those_of_the_alone_logits(models, alone, workers
                 assert c.log_norm == pytest.approx(want.log_norm, abs=F32_RELATIVE_ERROR * span / t), what
 
 
-@pytest.mark.parametrize("arch, weights", [("qwen3_moe", "q40"), ("qwen3", "f32"), ("llama", "f32")])
-def test_an_f16_kv_cache_batched_stays_close_to_f32_alone(models, alone, workers, arch, weights):
+# F32 weights: the cache's rounding alone. With Q40 weights every matmul first rounds its input to
+# Q80, and the F16 cache's rounding can move an element across a Q80 step or change the router's
+# pick; on these random tiny models that alone (batching aside) puts a MoE step at cosine 0.9989
+# and flips a near-tie greedy token of the dense Qwen3.
+@pytest.mark.parametrize("arch", ARCHS)
+def test_an_f16_kv_cache_batched_stays_close_to_f32_alone(models, alone, workers, arch):
+    weights = "f32"
     expected = alone(arch, weights, workers)
     with open_engine(models[arch, weights], workers, weights=weights, max_sequences=SLOTS,
                      kv_cache_type="f16") as engine:
