@@ -634,5 +634,93 @@ def new_model_restarts_the_api(run: Run) -> None:
         raise Failed(f"the run after the new model changed something or restarted dllama-api again: {hosts}")
 
 
+# the address switch with a way back (roles/network/tasks/switch.yml); verify() calls it last:
+#
+#     address_switch_with_a_way_back(run)
+#
+# vm-worker1 (NetworkManager) and vm-worker2 (dhcpcd) move to other addresses of the bridge's subnet
+# and back, and once to a subnet the controller has no route to. Four `site.yml --tags network`
+# runs limited to the two, in a copy of the inventory of their own (the play writes host_vars
+# beside it); about 5 minutes. The VMs end where they started.
+
+SWITCH_VMS = ("vm-worker1", "vm-worker2")
+
+
+def address_switch_with_a_way_back(run: Run) -> None:
+    import dataclasses
+    import ipaddress
+
+    vms = [vm for vm in VMS if vm.name in SWITCH_VMS]
+    moved = {vm.name: str(ipaddress.ip_address(vm.address) + 10) for vm in vms}
+    # another /24 (10.77.1.x): the namespace routes only the bridge's 10.77.0.0/24
+    unroutable = {vm.name: str(ipaddress.ip_address(vm.address) + 256 + 10) for vm in vms}
+    with phase("address switch: a reachable new address switches, a second run changes nothing"):
+        _switch_run(run, moved, "switch-1.log")
+        for vm in vms:
+            _expect_at(run, vm, moved[vm.name])
+            at_new = dataclasses.replace(vm, address=moved[vm.name])
+            # NetworkManager's profile replaces the address; dhcpcd keeps the one it had (its
+            # `persistent` option) until the next boot.
+            if vm.net == "networkmanager" and run.cluster.ssh(vm, "true", timeout=30, check=False).returncode == 0:
+                raise Failed(f"{vm.name} still answers at {vm.address} after its switch to {moved[vm.name]}")
+            pending = run.cluster.ssh(at_new, "systemctl", "is-active", "dllama-network-revert.timer", check=False)
+            if pending.stdout.strip() != "inactive":
+                raise Failed(f"{vm.name}: the way back is still armed after the switch ({pending.stdout.strip()})")
+        hosts = recap(_switch_run(run, moved, "switch-2.log"))
+        say("    second run: " + changed_summary(hosts))
+        if sorted(hosts) != sorted(SWITCH_VMS) or any(r.get("changed") for r in hosts.values()):
+            raise Failed(f"the second run after the switch changed something: {hosts}")
+    with phase("address switch: an unreachable new address reverts, the run names the board"):
+        # shorter than the defaults (60 s, 90 s): the way is the same, the wait is not what is tested
+        out = _switch_run(run, unroutable, "switch-unreachable.log", expect_failure=True,
+                          extra=["-e", "network_wait_timeout=30", "-e", "network_revert_after=60"])
+        for vm in vms:
+            said = f"{vm.name} did not answer at {unroutable[vm.name]} within 30 s"
+            back = f"and answers at {moved[vm.name]} again"
+            if said not in out or back not in out:
+                raise Failed(f"the failed switch did not say {said!r} ... {back!r} (see {RUN / 'switch-unreachable.log'})")
+            _expect_at(run, vm, moved[vm.name])
+        say("    " + "; ".join(f"{vm.name} back at {moved[vm.name]}" for vm in vms))
+    with phase("address switch: back to the VMs' own addresses"):
+        _switch_run(run, {vm.name: vm.address for vm in vms}, "switch-back.log")
+        for vm in vms:
+            _expect_at(run, vm, vm.address)
+
+
+def _switch_run(run: Run, addresses: dict, log: str, expect_failure: bool = False, extra=()) -> str:
+    """site.yml --tags network for the switching VMs, with their dllama_address set to
+    `addresses`, in the switch's own inventory directory; returns the output."""
+    import yaml
+
+    inventory = yaml.safe_load(Path(run.env["DLLAMA_INFRA_INVENTORY"]).read_text())
+    for group in inventory["cluster"]["children"].values():
+        for name, host in group["hosts"].items():
+            if name in addresses:
+                host["dllama_address"] = addresses[name]
+    path = RUN / "inventory-switch" / "hosts.yml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(inventory, sort_keys=False))
+    rc, out = run_logged(netns_exec([VENV_BIN / "ansible-playbook", "-i", path, "site.yml", "--tags", "network",
+                                     "--limit", ",".join(SWITCH_VMS), *extra]), RUN / log, env=run.env)
+    if (rc != 0) != expect_failure:
+        raise Failed(f"site.yml --tags network {'succeeded' if rc == 0 else 'failed'} ({RUN / log})")
+    return out
+
+
+def _expect_at(run: Run, vm, address: str) -> None:
+    """The VM answers ssh at `address` (waiting for a way back that may still run), and the
+    host_vars the play wrote send the next run there."""
+    import dataclasses
+
+    import yaml
+
+    if not run.cluster.wait_for_ssh(dataclasses.replace(vm, address=address), timeout=120):
+        raise Failed(f"{vm.name} does not answer at {address}")
+    written = RUN / "inventory-switch" / "host_vars" / f"{vm.name}.yml"
+    recorded = (yaml.safe_load(written.read_text()) or {}).get("ansible_host") if written.is_file() else vm.address
+    if recorded != address:
+        raise Failed(f"{vm.name}: {written} sends the next run to {recorded}, not {address}")
+
+
 if __name__ == "__main__":
     sys.exit(main())
