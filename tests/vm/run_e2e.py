@@ -489,6 +489,7 @@ def verify(run: Run) -> None:
         run_checks(PYTEST, ["tests/infra/test_infra_recovery.py"], RUN / "recovery.log", run.env,
                    "the recovery checks failed")
     exposure_and_restarts(run)
+    address_switch_with_a_way_back(run)
 
 
 def testinfra_while_the_api_starts(run: Run) -> None:
@@ -634,10 +635,7 @@ def new_model_restarts_the_api(run: Run) -> None:
         raise Failed(f"the run after the new model changed something or restarted dllama-api again: {hosts}")
 
 
-# the address switch with a way back (roles/network/tasks/switch.yml); verify() calls it last:
-#
-#     address_switch_with_a_way_back(run)
-#
+# the address switch with a way back (roles/network/tasks/switch.yml), last in verify():
 # vm-worker1 (NetworkManager) and vm-worker2 (dhcpcd) move to other addresses of the bridge's subnet
 # and back, and once to a subnet the controller has no route to. Four `site.yml --tags network`
 # runs limited to the two, in a copy of the inventory of their own (the play writes host_vars
