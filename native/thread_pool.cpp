@@ -11,9 +11,20 @@ static inline void cpu_relax() {}
 
 namespace dllama {
 
-// How long an idle worker spins before sleeping: long enough to bridge the gap between two
-// ops of one step, short enough not to burn a core between requests.
-static constexpr int kSpinIterations = 1 << 16;
+// How long an idle worker spins (pauses, then yields) before sleeping: a few milliseconds,
+// long enough to bridge the gap between two ops of one step, short enough not to burn a core
+// between requests.
+static constexpr int kSpinIterations = 1 << 14;
+// Pauses (tens of microseconds) after which a waiting thread also yields its core at every turn:
+// when the machine has more runnable threads than cores (other services, a loaded CI host), the
+// thread it waits for may be the one the scheduler has just set aside, and spinning would keep it
+// off the core for a whole time slice.
+static constexpr int kSpinsBeforeYield = 1 << 10;
+
+static inline void wait_turn(int spin) {
+    if (spin < kSpinsBeforeYield) cpu_relax();
+    else std::this_thread::yield();
+}
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
     for (int i = 1; i < n_threads_; i++) threads_.emplace_back([this, i] { worker_loop(i); });
@@ -44,7 +55,7 @@ void ThreadPool::dispatch(Call call, void* ctx) {
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) wake_.notify_all();
     call(ctx, 0, n_threads_);
-    while (pending_.load(std::memory_order_acquire) > 0) cpu_relax();
+    for (int spin = 0; pending_.load(std::memory_order_acquire) > 0; spin++) wait_turn(spin);
 }
 
 void ThreadPool::worker_loop(int index) {
@@ -52,7 +63,7 @@ void ThreadPool::worker_loop(int index) {
     for (;;) {
         uint64_t gen = generation_.load(std::memory_order_acquire);
         for (int spin = 0; gen == seen && spin < kSpinIterations; spin++) {
-            cpu_relax();
+            wait_turn(spin);
             gen = generation_.load(std::memory_order_acquire);
         }
         if (gen == seen) {

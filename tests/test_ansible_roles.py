@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-ROLES = ["network", "tuning", "engine", "model", "service", "worker", "api"]
+ROLES = ["network", "firewall", "tuning", "engine", "model", "service", "worker", "api"]
 # The roles that run a dllama service through the service role, with their unit.
 SERVICES = {"worker": "dllama-worker", "api": "dllama-api"}
 
@@ -148,10 +148,11 @@ def test_site_yml_checks_first_then_prepares_every_node_then_serves_by_group():
     assert preflight["ansible.builtin.import_playbook"] == "ansible/preflight.yml"
     layout = [(p["hosts"], [(r["role"], r.get("when")) for r in p["roles"]]) for p in plays]
     assert layout == [
-        ("cluster", [("network", None), ("tuning", None), ("engine", None)]),
+        ("cluster", [("network", None), ("firewall", None), ("tuning", None), ("engine", None)]),
         ("cluster", [("worker", "inventory_hostname in groups['workers']"),
-                     ("model", "inventory_hostname in groups['root']"),
-                     ("api", "inventory_hostname in groups['root']")]),
+                     ("model", "inventory_hostname in groups['root']")]),
+        # a play of its own: the API (re)starts after every worker has, and after the model is in place
+        ("root", [("api", None)]),
     ]
     assert plays[1]["strategy"] == "dllama_free"
     for play in plays:
@@ -199,3 +200,37 @@ def test_engine_installs_no_package_and_builds_nothing_unless_a_node_opts_in():
     assert "-m, venv" not in text and "- venv\n" in text
     (install,) = [t for t, _ in found if t.get("name") == "Install the engine and its dependencies"]
     assert "['--no-build']" in install["ansible.builtin.command"]["argv"]
+
+
+# -- what a service's unit fingerprints (issue 15: restarts that always happen) ------------------
+
+def test_no_role_hands_an_engine_change_over_in_a_fact():
+    # a fact is lost when a run stops before the restart; the unit's fingerprint is not
+    for role in ROLES:
+        for path in (ROOT / "roles" / role).rglob("*.yml"):
+            assert "engine_reinstalled" not in path.read_text(), path
+
+
+def test_services_fingerprint_the_record_the_engine_role_writes():
+    (record,) = [t for t in tasks("engine") if t.get("name") == "Record which wheelhouse the engine came from"]
+    assert record["ansible.builtin.copy"]["dest"] == "{{ engine_venv }}/.dllama-wheelhouse"
+    service_vars = load(ROOT / "roles" / "service" / "vars" / "main.yml")
+    assert "{'DLLAMA_ENGINE': service_venv ~ '/.dllama-wheelhouse'}" in service_vars["service__fingerprint_files"]
+    for role in SERVICES:
+        (values,) = [task["vars"] for task in tasks(role)]
+        assert values["service_venv"] == f"{{{{ {role}_venv }}}}"
+
+
+def test_the_api_fingerprints_the_checksum_files_the_model_role_records():
+    model_vars = load(ROOT / "roles" / "model" / "vars" / "main.yml")
+    api_vars = load(ROOT / "roles" / "api" / "vars" / "main.yml")
+    assert model_vars["model__checksum_file"] == "{{ model_path }}.sha256"
+    assert model_vars["model__tokenizer_checksum_file"] == "{{ model_tokenizer_path }}.sha256"
+    assert api_vars["api__fingerprints"] == {"DLLAMA_MODEL": "{{ api_model_path }}.sha256",
+                                             "DLLAMA_TOKENIZER": "{{ api_tokenizer_path }}.sha256"}
+    # the same paths on the root: both roles default to the inventory's dllama_* paths
+    for model_knob, api_knob in (("model_path", "api_model_path"), ("model_tokenizer_path", "api_tokenizer_path")):
+        assert (load(ROOT / "roles" / "model" / "defaults" / "main.yml")[model_knob]
+                == load(ROOT / "roles" / "api" / "defaults" / "main.yml")[api_knob])
+    (values,) = [task["vars"] for task in tasks("api")]
+    assert values["service_fingerprints"] == "{{ api__fingerprints }}"

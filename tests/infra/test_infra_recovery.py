@@ -3,6 +3,7 @@ a real inference crosses every node, a killed worker is back within 15 s, the AP
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import testinfra
@@ -15,12 +16,14 @@ RECOVER_WITHIN_S = 180  # the root reconnects and re-sends the slices (from the 
 
 
 def http(host, method, path, body=None, timeout=300):
-    """An HTTP request to the API server on the node, with the node's python3 (no curl there)."""
+    """An HTTP request to the API server on the node, with the node's python3 (no curl there) and
+    the client key the playbook generated on the controller."""
+    key = (Path(INVENTORY).parent / "secrets" / "api.key").read_text().strip()
     script = (
         "import json, sys, urllib.request, urllib.error\n"
         f"req = urllib.request.Request('http://127.0.0.1:8080{path}', method={method!r},"
         f" data={json.dumps(body).encode() if body is not None else None!r},"
-        " headers={'Content-Type': 'application/json'})\n"
+        f" headers={{'Content-Type': 'application/json', 'Authorization': 'Bearer {key}'}})\n"
         "try:\n"
         f"    r = urllib.request.urlopen(req, timeout={timeout}); print(r.status); print(r.read().decode())\n"
         "except urllib.error.HTTPError as e:\n"

@@ -13,8 +13,8 @@ def test_worker_service_is_running(host):
     assert host.service("dllama-worker").is_running
 
 
-def test_worker_listens_on_port_9999(host):
-    assert host.socket("tcp://0.0.0.0:9999").is_listening
+def test_worker_listens_on_port_9999_of_its_cluster_address(host, node):
+    assert host.socket(f"tcp://{node['address']}:9999").is_listening
 
 
 def test_worker_runs_as_the_dllama_user(host):

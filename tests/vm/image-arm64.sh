@@ -26,7 +26,7 @@ set -euo pipefail
 SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
 . "$(dirname "$SCRIPT")/image-lib.sh"
 SUITE=trixie
-PACKAGES=systemd,systemd-sysv,libpam-systemd,udev,dbus,network-manager,netplan.io,cloud-init,openssh-server,python3,iproute2,iputils-ping,procps,sudo,e2fsprogs,initramfs-tools,linux-image-arm64
+PACKAGES=systemd,systemd-sysv,libpam-systemd,udev,dbus,network-manager,netplan.io,cloud-init,openssh-server,python3,iproute2,nftables,iputils-ping,procps,sudo,e2fsprogs,initramfs-tools,linux-image-arm64
 
 image_begin arm64 "$SCRIPT"
 

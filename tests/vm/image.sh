@@ -20,7 +20,7 @@ set -euo pipefail
 SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
 . "$(dirname "$SCRIPT")/image-lib.sh"
 SUITE=bookworm
-PACKAGES=systemd-sysv,libpam-systemd,udev,dbus,network-manager,dhcpcd,openssh-server,python3,python3-venv,linux-image-amd64,iproute2,iputils-ping,procps,sudo,initramfs-tools
+PACKAGES=systemd-sysv,libpam-systemd,udev,dbus,network-manager,dhcpcd,openssh-server,python3,python3-venv,linux-image-amd64,iproute2,nftables,iputils-ping,procps,sudo,initramfs-tools
 
 image_begin amd64 "$SCRIPT"
 # The image directories of this script's versions before image-lib.sh (image-<hash>) are stale.

@@ -488,6 +488,8 @@ def verify(run: Run) -> None:
     with phase("inference across the VMs, worker killed and back, API recovers"):
         run_checks(PYTEST, ["tests/infra/test_infra_recovery.py"], RUN / "recovery.log", run.env,
                    "the recovery checks failed")
+    exposure_and_restarts(run)
+    address_switch_with_a_way_back(run)
 
 
 def testinfra_while_the_api_starts(run: Run) -> None:
@@ -502,7 +504,8 @@ def testinfra_while_the_api_starts(run: Run) -> None:
         rc, out = run_logged(netns_exec(INFRA + ["tests/infra",
                                                  "--ignore", "tests/infra/test_infra_recovery.py",
                                                  "--ignore", "tests/infra/test_infra_api.py",
-                                                 "--ignore", "tests/infra/test_infra_mixed_cluster.py"]),
+                                                 "--ignore", "tests/infra/test_infra_mixed_cluster.py",
+                                                 "--ignore", "tests/infra/test_infra_exposure.py"]),
                              RUN / "testinfra.log", env=run.env)
         say("    " + (out.strip().splitlines() or ["?"])[-1])
         if rc != 0:
@@ -584,6 +587,137 @@ def summary(total: float, how: str, passed: bool, enforce_budget: bool) -> bool:
         say(f"within budget: {total:.0f} s <= {budget} s")
     say("PASSED" if passed else "FAILED")
     return passed
+
+
+# issue 15: closed ports and the API's key seen from a stranger, then a new model restarts the API
+# (last: it restarts dllama-api and leaves it serving another model)
+
+
+def exposure_and_restarts(run: Run) -> None:
+    with phase("exposure: from a non-peer namespace the worker and mesh ports are closed, the API wants its key"):
+        run_checks(PYTEST, ["tests/infra/test_infra_exposure.py"], RUN / "exposure.log", run.env,
+                   "the exposure checks failed")
+    with phase("a new model file: site.yml --tags model,api restarts dllama-api; the run after changes nothing"):
+        new_model_restarts_the_api(run)
+
+
+def api_started_at(cluster: Cluster) -> int:
+    """dllama-api's ActiveEnterTimestampMonotonic on the root (microseconds since its boot)."""
+    return int(cluster.ssh(VMS[0], "systemctl", "show", "--property=ActiveEnterTimestampMonotonic", "--value",
+                           "dllama-api").stdout.strip())
+
+
+def new_model_restarts_the_api(run: Run) -> None:
+    import hashlib
+
+    model = MODEL / "tiny-qwen3-f32-nudged.m"
+    data = bytearray((MODEL / "tiny-qwen3-f32.m").read_bytes())
+    data[-4] ^= 1  # the lowest mantissa bit of the last weight: another file, as good a model
+    model.write_bytes(data)
+    site = run.playbook + ["site.yml", "--tags", "model,api", "--skip-tags", "preflight",
+                           "-e", f"dllama_model_src={model}"]
+    before = api_started_at(run.cluster)
+    rc, _ = run_logged(netns_exec(site), RUN / "site-new-model.log", env=run.env)
+    if rc != 0:
+        raise Failed("site.yml with a new model file failed")
+    restarted = api_started_at(run.cluster)
+    environment = run.cluster.ssh(VMS[0], "systemctl", "show", "--property=Environment", "dllama-api").stdout
+    say(f"    dllama-api started {(restarted - before) / 1e6:.0f} s later; its unit: {environment.strip()}")
+    if restarted == before:
+        raise Failed("a new model file did not restart dllama-api")
+    if hashlib.sha256(data).hexdigest() not in environment:
+        raise Failed("dllama-api's unit does not carry the new model's checksum")
+    wait_for_api(run.cluster, API_START_TIMEOUT_S)
+    rc, out = run_logged(netns_exec(site), RUN / "site-new-model-2.log", env=run.env)
+    hosts = recap(out)
+    say("    " + changed_summary(hosts))
+    if rc != 0 or any(r.get("changed", 1) != 0 for r in hosts.values()) or api_started_at(run.cluster) != restarted:
+        raise Failed(f"the run after the new model changed something or restarted dllama-api again: {hosts}")
+
+
+# the address switch with a way back (roles/network/tasks/switch.yml), last in verify():
+# vm-worker1 (NetworkManager) and vm-worker2 (dhcpcd) move to other addresses of the bridge's subnet
+# and back, and once to a subnet the controller has no route to. Four `site.yml --tags network`
+# runs limited to the two, in a copy of the inventory of their own (the play writes host_vars
+# beside it); about 5 minutes. The VMs end where they started.
+
+SWITCH_VMS = ("vm-worker1", "vm-worker2")
+
+
+def address_switch_with_a_way_back(run: Run) -> None:
+    import dataclasses
+    import ipaddress
+
+    vms = [vm for vm in VMS if vm.name in SWITCH_VMS]
+    moved = {vm.name: str(ipaddress.ip_address(vm.address) + 10) for vm in vms}
+    # another /24 (10.77.1.x): the namespace routes only the bridge's 10.77.0.0/24
+    unroutable = {vm.name: str(ipaddress.ip_address(vm.address) + 256 + 10) for vm in vms}
+    with phase("address switch: a reachable new address switches, a second run changes nothing"):
+        _switch_run(run, moved, "switch-1.log")
+        for vm in vms:
+            _expect_at(run, vm, moved[vm.name])
+            at_new = dataclasses.replace(vm, address=moved[vm.name])
+            # NetworkManager's profile replaces the address; dhcpcd keeps the one it had (its
+            # `persistent` option) until the next boot.
+            if vm.net == "networkmanager" and run.cluster.ssh(vm, "true", timeout=30, check=False).returncode == 0:
+                raise Failed(f"{vm.name} still answers at {vm.address} after its switch to {moved[vm.name]}")
+            pending = run.cluster.ssh(at_new, "systemctl", "is-active", "dllama-network-revert.timer", check=False)
+            if pending.stdout.strip() != "inactive":
+                raise Failed(f"{vm.name}: the way back is still armed after the switch ({pending.stdout.strip()})")
+        hosts = recap(_switch_run(run, moved, "switch-2.log"))
+        say("    second run: " + changed_summary(hosts))
+        if sorted(hosts) != sorted(SWITCH_VMS) or any(r.get("changed") for r in hosts.values()):
+            raise Failed(f"the second run after the switch changed something: {hosts}")
+    with phase("address switch: an unreachable new address reverts, the run names the board"):
+        # shorter than the defaults (60 s, 90 s): the way is the same, the wait is not what is tested
+        out = _switch_run(run, unroutable, "switch-unreachable.log", expect_failure=True,
+                          extra=["-e", "network_wait_timeout=30", "-e", "network_revert_after=60"])
+        for vm in vms:
+            said = f"{vm.name} did not answer at {unroutable[vm.name]} within 30 s"
+            back = f"and answers at {moved[vm.name]} again"
+            if said not in out or back not in out:
+                raise Failed(f"the failed switch did not say {said!r} ... {back!r} (see {RUN / 'switch-unreachable.log'})")
+            _expect_at(run, vm, moved[vm.name])
+        say("    " + "; ".join(f"{vm.name} back at {moved[vm.name]}" for vm in vms))
+    with phase("address switch: back to the VMs' own addresses"):
+        _switch_run(run, {vm.name: vm.address for vm in vms}, "switch-back.log")
+        for vm in vms:
+            _expect_at(run, vm, vm.address)
+
+
+def _switch_run(run: Run, addresses: dict, log: str, expect_failure: bool = False, extra=()) -> str:
+    """site.yml --tags network for the switching VMs, with their dllama_address set to
+    `addresses`, in the switch's own inventory directory; returns the output."""
+    import yaml
+
+    inventory = yaml.safe_load(Path(run.env["DLLAMA_INFRA_INVENTORY"]).read_text())
+    for group in inventory["cluster"]["children"].values():
+        for name, host in group["hosts"].items():
+            if name in addresses:
+                host["dllama_address"] = addresses[name]
+    path = RUN / "inventory-switch" / "hosts.yml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(inventory, sort_keys=False))
+    rc, out = run_logged(netns_exec([VENV_BIN / "ansible-playbook", "-i", path, "site.yml", "--tags", "network",
+                                     "--limit", ",".join(SWITCH_VMS), *extra]), RUN / log, env=run.env)
+    if (rc != 0) != expect_failure:
+        raise Failed(f"site.yml --tags network {'succeeded' if rc == 0 else 'failed'} ({RUN / log})")
+    return out
+
+
+def _expect_at(run: Run, vm, address: str) -> None:
+    """The VM answers ssh at `address` (waiting for a way back that may still run), and the
+    host_vars the play wrote send the next run there."""
+    import dataclasses
+
+    import yaml
+
+    if not run.cluster.wait_for_ssh(dataclasses.replace(vm, address=address), timeout=120):
+        raise Failed(f"{vm.name} does not answer at {address}")
+    written = RUN / "inventory-switch" / "host_vars" / f"{vm.name}.yml"
+    recorded = (yaml.safe_load(written.read_text()) or {}).get("ansible_host") if written.is_file() else vm.address
+    if recorded != address:
+        raise Failed(f"{vm.name}: {written} sends the next run to {recorded}, not {address}")
 
 
 # lifecycle: teardown.yml on one node and site.yml back, then upgrade.yml node by node. verify()
