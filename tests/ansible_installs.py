@@ -7,7 +7,8 @@ on stdin ({inventory, overrides}: host variables set over the inventory's), JSON
               NetworkManager profile a role's task creates, on a worker and on the root
   teardown:   {host: {paths, exact, units, users, groups}}  what teardown.yml removes (paths with
               everything under them, exact only themselves), stops or deletes
-  network:    the strings roles/network/tasks/teardown.yml names (null while it does not exist)
+  network:    the strings roles/network/tasks/teardown.yml and the files it includes name (null
+              while it does not exist)
   unknown:    modules a role uses that this file does not classify yet (a new one must be)
   errors:     what could not be rendered
 
@@ -45,7 +46,7 @@ CREATES_NOTHING = {
     "ansible.builtin.slurp", "ansible.builtin.shell", "ansible.builtin.meta", "ansible.builtin.include_tasks",
     "ansible.builtin.import_role", "ansible.builtin.include_role", "ansible.builtin.wait_for_connection",
     "ansible.builtin.async_status", "ansible.builtin.find", "ansible.builtin.apt", "ansible.builtin.uri",
-    "ansible.builtin.validate_argument_spec",
+    "ansible.builtin.validate_argument_spec", "ansible.builtin.import_tasks", "ansible.builtin.fail",
 }
 TASK_KEYS = {"name", "when", "loop", "loop_control", "register", "notify", "vars", "tags", "become", "delegate_to",
              "changed_when", "failed_when", "check_mode", "no_log", "async", "poll", "retries", "delay", "until",
@@ -55,8 +56,10 @@ TASK_KEYS = {"name", "when", "loop", "loop_control", "register", "notify", "vars
 # node can get (a file that exists, a command that succeeded).
 REGISTERED = {"stat": {"exists": True}, "rc": 0, "stdout": "", "stdout_lines": [], "results": [], "changed": True,
               "matched": 0, "files": []}
-# Host variables set over the inventory's (a request's "overrides": another layout of the node).
-OVERRIDES = {}
+# Host variables set over the inventory's: an API key of the rendering's own (unset, the api role
+# would generate one with a lookup that writes it on this machine), and a request's "overrides"
+# (another layout of the node).
+OVERRIDES = {"dllama_api_key": "a key of the rendering's own"}
 # The modules teardown.yml removes things with.
 REMOVES = {"ansible.builtin.file", "ansible.builtin.systemd_service", "ansible.builtin.user", "ansible.builtin.group"}
 
@@ -65,13 +68,16 @@ def load(path):
     return yaml.safe_load(Path(path).read_text()) or []
 
 
-def walk(tasks, inherited=None):
-    """(task, the vars of the blocks around it and its own) for every task, blocks flattened."""
+def walk(tasks, inherited=None, delegate_to=None):
+    """(task, the vars of the blocks around it and its own) for every task, blocks flattened; a
+    task in a block delegated elsewhere is given the block's delegate_to."""
     for task in tasks or []:
         scope = {**(inherited or {}), **(task.get("vars") or {})}
+        if delegate_to and "delegate_to" not in task:
+            task = {**task, "delegate_to": delegate_to}
         yield task, scope
         for key in ("block", "rescue", "always"):
-            yield from walk(task.get(key), scope)
+            yield from walk(task.get(key), scope, task.get("delegate_to"))
 
 
 def module_of(task):
@@ -192,12 +198,14 @@ def teardown_removals(inv, host, out):
     (play,) = load(ROOT / "ansible" / "teardown.yml")
     tasks = list(walk(play.get("tasks"))) + list(walk(play.get("handlers")))
     imported = [t["ansible.builtin.import_role"]["name"] for t, _ in tasks if "ansible.builtin.import_role" in t]
-    defaults = {}
+    defaults, role_vars = {}, {}
     for role in imported:
         for name, _ in imports(role):
             defaults.update(role_file(name, "defaults"))
         defaults.update(role_file(role, "defaults"))
-    render = Renderer(inv, trusted({**defaults, **host_vars_of(inv, host), **play.get("vars", {})}), tasks)
+        role_vars.update(role_file(role, "vars"))
+    context = {**defaults, **host_vars_of(inv, host), **role_vars, **play.get("vars", {})}
+    render = Renderer(inv, trusted(context), tasks)
     conditional = set(under_when(play.get("tasks")))
     found = {"paths": [], "exact": [], "units": [], "users": [], "groups": []}
     for task, scope in tasks:
@@ -233,12 +241,19 @@ def under_when(tasks, inherited=False):
 
 
 def network_teardown_strings(inv, host):
-    """Every string roles/network/tasks/teardown.yml passes to a module, as written and rendered
-    (where it cannot be rendered, as written only)."""
+    """Every string roles/network/tasks/teardown.yml (and the task files it includes) passes to a
+    module, as written and rendered (where it cannot be rendered, as written only)."""
     path = ROOT / "roles" / "network" / "tasks" / "teardown.yml"
     if not path.exists():
         return None
-    tasks = list(walk(load(path)))
+    tasks, files = [], [path]
+    while files:  # the teardown's tasks and those of the files it includes or imports
+        found = list(walk(load(files.pop())))
+        tasks += found
+        for task, _ in found:
+            for key in ("ansible.builtin.include_tasks", "ansible.builtin.import_tasks"):
+                if isinstance(task.get(key), str) and (path.parent / task[key]).is_file():
+                    files.append(path.parent / task[key])
     render = Renderer(inv, trusted(context_for(inv, host, "network")), tasks)
     strings = []
 

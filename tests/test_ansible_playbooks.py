@@ -6,9 +6,9 @@ example inventory (tests/ansible_installs.py), list the paths, units, users and 
 role starts to install fails here until teardown.yml (or the network role's teardown) names it.
 teardown.yml also runs for real on this machine, every path it removes pointed into a temporary
 directory by the inventory. upgrade.yml rolls out one node at a time, workers first, the root
-last; its check that the service runs a replaced engine reads a real process's memory map, and its
-wait for the cluster (ansible/tasks/cluster_serves.yml) runs against a real dllama-api driving a
-real worker on 127.0.0.1.
+last, each node through the roles site.yml runs on it; its wait for the cluster
+(ansible/tasks/cluster_serves.yml) runs against a real dllama-api driving a real worker on
+127.0.0.1, and a cluster that does not serve stops it before any node is touched.
 """
 
 import functools
@@ -16,7 +16,6 @@ import json
 import pwd
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -125,11 +124,14 @@ def test_network_teardown_names_everything_the_network_role_writes():
         pytest.skip("roles/network/tasks/teardown.yml does not exist yet")
     teardown = rendered()["teardown"]
     left = []
+    named = {"strings": strings, "paths": [s for s in strings if s.startswith("/")], "exact": []}
     for kind in ("path", "block", "profile"):
         for host, value, where in installed(kind, network=True):
-            names = value if kind == "block" else [value]  # a block: its file and its marker
-            if not (kind == "path" and removed(teardown[host], value)) and \
-                    not all(name in strings for name in names):
+            if kind == "path":  # removed by either teardown, or under a directory the network's names
+                gone = removed(teardown[host], value) or removed(named, value)
+            else:  # a block: its file and its marker; a profile: its name
+                gone = all(name in strings for name in (value if kind == "block" else [value]))
+            if not gone:
                 left.append((host, value, where))
     assert left == []
 
@@ -156,9 +158,11 @@ def test_teardown_gives_the_network_back_last_after_the_handlers():
     assert network["tags"] == ["network"]
 
 
-def test_teardown_loads_every_role_default_it_reads_without_running_a_role():
+def test_teardown_loads_the_defaults_of_every_role_site_yml_runs_without_running_one():
+    # the network role's teardown is included (and runs); every other role lends its defaults
+    site_roles = {role["role"] for play in load("site.yml") for role in play.get("roles", [])}
     imports = [t for t in teardown_tasks() if "ansible.builtin.import_role" in t]
-    assert {t["ansible.builtin.import_role"]["name"] for t in imports} == {"tuning", "engine", "model", "worker", "api"}
+    assert {t["ansible.builtin.import_role"]["name"] for t in imports} == site_roles - {"network"}
     for task in imports:
         assert task["when"] is False and task["tags"] == ["never"], task["name"]
 
@@ -182,8 +186,9 @@ def layout(tmp_path_factory):
         "opt/dllama/bin/python": "", "opt/dllama/.dllama-wheelhouse": "x86_64-cp311.tar sha256:0",
         "opt/dllama/wheelhouse/dllama.whl": "", "etc/dllama/cluster.key": "k", "etc/dllama/api.key": "k",
         "var/cache/dllama/slices/0": "", "var/lib/dllama/.profile": "", "etc/default/cpu_governor": "x",
-        "srv/models/tiny.m": "m", "srv/models/tiny.m.part": "", "home/pi/qwen/tokenizer.json": "{}",
-        "home/pi/qwen/tokenizer_config.json": "{}", "home/pi/qwen/config.json": "{}",
+        "etc/dllama/firewall.nft": "table inet dllama {}", "srv/models/tiny.m": "m", "srv/models/tiny.m.part": "",
+        "srv/models/tiny.m.sha256": "0  tiny.m", "home/pi/qwen/tokenizer.json": "{}",
+        "home/pi/qwen/tokenizer_config.json": "{}", "home/pi/qwen/config.json": "{}", "home/pi/qwen.sha256": "",
     }
     for name, text in files.items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +198,7 @@ def layout(tmp_path_factory):
         "ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False,
         "engine_venv": str(tmp / "opt/dllama"), "worker_config_dir": str(tmp / "etc/dllama"),
         "api_config_dir": str(tmp / "etc/dllama"), "worker_cache_dir": str(tmp / "var/cache/dllama"),
+        "firewall_file": str(tmp / "etc/dllama/firewall.nft"),
         "worker_user": user, "api_user": user, "worker_group": user, "api_group": user,
         # absent: its removal would apply this machine's sysctl files again
         "tuning_sysctl_file": str(tmp / "etc/sysctl.d/90-dllama.conf"),
@@ -254,6 +260,7 @@ def test_teardown_removes_a_model_directory_that_holds_only_the_model(layout, to
 
 def test_teardown_keeps_a_tokenizer_directory_that_holds_other_files(layout, torn_down):
     assert sorted(p.name for p in (layout / "home/pi/qwen").iterdir()) == ["config.json"]
+    assert sorted(p.name for p in (layout / "home/pi").iterdir()) == ["qwen"]  # its checksum file gone
 
 
 def test_a_second_teardown_changes_nothing(layout, torn_down):
@@ -285,10 +292,22 @@ def test_upgrade_checks_the_cluster_first_then_goes_one_node_at_a_time():
     assert check["hosts"] == "root"
     assert check["tasks"][-1]["ansible.builtin.include_tasks"] == "tasks/cluster_serves.yml"
     assert rollout["serial"] == 1 and rollout["max_fail_percentage"] == 0
-    steps = [module_of(t) for t in rollout["tasks"]]
-    assert steps[-4:] == ["ansible.builtin.command", "ansible.builtin.command", "ansible.builtin.systemd_service",
-                          "ansible.builtin.include_tasks"]
-    assert {"name": "engine"} in [t.get("ansible.builtin.import_role") for t in rollout["tasks"]]
+    # what site.yml runs on the node (the engine, then its service's role), then the wait
+    steps = [(module_of(t), (t.get(module_of(t)) or {}).get("name") if module_of(t).endswith("_role") else None,
+              t.get("when")) for t in rollout["tasks"] if t.get("tags") != ["never"]]
+    assert steps == [
+        ("ansible.builtin.import_role", "engine", None),
+        ("ansible.builtin.include_role", "worker", "inventory_hostname in groups['workers']"),
+        ("ansible.builtin.include_role", "api", "inventory_hostname in groups['root']"),
+        ("ansible.builtin.include_tasks", None, None),
+    ]
+    assert rollout["tasks"][-1]["ansible.builtin.include_tasks"] == "tasks/cluster_serves.yml"
+
+
+def test_the_roles_find_their_templates_from_ansible():
+    # a role's template is looked up beside the playbook too: ansible/templates is templates/
+    link = ROOT / "ansible" / "templates"
+    assert link.is_symlink() and link.resolve() == (ROOT / "templates").resolve()
 
 
 def test_upgrade_goes_through_every_worker_before_the_root():
@@ -319,41 +338,6 @@ def test_upgrade_stops_before_it_touches_a_node_when_the_cluster_does_not_serve(
     assert "before the upgrade: the API on here does not serve: a completion answers -1" in proc.stdout, \
         proc.stdout[-3000:]
     assert "Install the new engine" not in proc.stdout and "engine :" not in proc.stdout
-
-
-def stale_argv(venv, pid):
-    """upgrade.yml's check for a service running replaced engine files, for this venv and process."""
-    (task,) = [t for t in upgrade_plays()[1]["tasks"] if "runs engine files an install has replaced" in t["name"]]
-    return [jinja2.Template(arg).render(engine_venv=venv, upgrade__pid={"stdout": f"{pid}\n"})
-            for arg in task["ansible.builtin.command"]["argv"]]
-
-
-def test_the_stale_check_sees_a_replaced_library_in_a_running_process(tmp_path):
-    venv = tmp_path / "opt" / "dllama"
-    library = venv / "lib" / "_engine.so"
-    library.parent.mkdir(parents=True)
-    source = next(Path(sysconfig.get_config_var("DESTSHARED")).glob("*.so"), None)
-    if source is None:
-        pytest.skip("this Python has no extension module in a shared library to load")
-    library.write_bytes(source.read_bytes())
-    process = subprocess.Popen([sys.executable, "-c", "import ctypes, sys, time; ctypes.CDLL(sys.argv[1]); "
-                                "print('loaded', flush=True); time.sleep(120)", str(library)],
-                               stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout.readline().strip() == "loaded"
-        fresh = subprocess.run(stale_argv(venv, process.pid), check=False)
-        other = subprocess.run(stale_argv(tmp_path / "elsewhere", process.pid), check=False)
-        # what an install does: the old file unlinked, a new one in its place
-        library.unlink()
-        library.write_bytes(source.read_bytes())
-        replaced = subprocess.run(stale_argv(venv, process.pid), check=False)
-        replaced_elsewhere = subprocess.run(stale_argv(tmp_path / "elsewhere", process.pid), check=False)
-    finally:
-        process.kill()
-        process.wait()
-        process.stdout.close()
-    assert (fresh.returncode, other.returncode) == (1, 1)
-    assert (replaced.returncode, replaced_elsewhere.returncode) == (0, 1)
 
 
 # -- the wait for the cluster, against a real dllama-api and worker --------------------------------

@@ -16,10 +16,11 @@ if not (INVENTORY and TORN_DOWN):
     pytest.skip("no torn-down node: the e2e harness names it in DLLAMA_INFRA_TORN_DOWN", allow_module_level=True)
 testinfra_hosts = [f"ansible://{TORN_DOWN}?ansible_inventory={INVENTORY}"]
 
-# What site.yml puts on a node (roles/*/defaults, the units' templates, roles/network).
+# What site.yml puts on a node (roles/*/defaults, the units' templates, roles/network/vars).
 UNITS = ["dllama-worker", "dllama-api", "dllama-cpu-governor", "dllama-firewall"]
 PATHS = ["/opt/dllama", "/etc/dllama", "/var/cache/dllama", "/var/lib/dllama", "/etc/sysctl.d/90-dllama.conf",
-         "/etc/default/cpu_governor", "/etc/udev/rules.d/70-dllama-mtu.rules"]
+         "/etc/default/cpu_governor", "/etc/udev/rules.d/70-dllama-mtu.rules", "/usr/local/sbin/dllama-network-revert",
+         "/var/lib/dllama-network"]
 # The /etc blocks the network role writes, by their markers (roles/network/tasks).
 BLOCKS = {"/etc/hosts": "dllama-cluster nodes", "/etc/cloud/templates/hosts.debian.tmpl": "dllama-cluster nodes",
           "/etc/dhcpcd.conf": "dllama-cluster interface"}
@@ -40,9 +41,10 @@ def test_path_is_gone(host, path):
     assert not host.file(path).exists
 
 
-def test_model_and_tokenizer_are_gone(host, node):
+def test_model_and_tokenizer_are_gone_with_their_checksums(host, node):
     for path in (node["model_path"], node["tokenizer_path"]):
-        assert not host.file(path).exists, path
+        for gone in (path, f"{path}.sha256"):
+            assert not host.file(gone).exists, gone
 
 
 def test_dllama_user_is_gone(host):

@@ -720,8 +720,8 @@ def _expect_at(run: Run, vm, address: str) -> None:
         raise Failed(f"{vm.name}: {written} sends the next run to {recorded}, not {address}")
 
 
-# lifecycle: teardown.yml on one node and site.yml back, then upgrade.yml node by node. verify()
-# ends with `lifecycle(run)`.
+# lifecycle: teardown.yml on one node and site.yml back, then upgrade.yml node by node (issue 15,
+# items 5 and 6). verify() calls `lifecycle(run)` before the address switch, which runs last.
 
 # A worker, and the one whose network teardown edits a file (dhcpcd.conf) rather than a profile.
 TORN_DOWN = next(vm for vm in VMS if vm.net == "dhcpcd")
