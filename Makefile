@@ -28,12 +28,17 @@ deps: $(VENV)/.deps
 install: deps
 	$(PIP) install -q --no-build-isolation --no-deps .
 
-# The cross toolchain and user-mode qemu run the NEON kernel tests on this x86 machine.
+# The cross toolchain and user-mode qemu run the NEON kernel tests on this x86 machine; nft checks
+# the firewall role's table, and sshd (started by the test on a loopback port only: policy-rc.d
+# keeps the package from starting the system's) checks ansible.cfg's host key rule.
 system-deps:
 	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null \
-	    || ! command -v cmake >/dev/null; then \
+	    || ! command -v cmake >/dev/null || ! test -x /usr/sbin/nft || ! test -x /usr/sbin/sshd; then \
+	  own=; if [ ! -e /usr/sbin/policy-rc.d ]; then own=1; printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
+	    chmod 755 /usr/sbin/policy-rc.d; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    cmake g++ g++-aarch64-linux-gnu qemu-user >/dev/null; \
+	    cmake g++ g++-aarch64-linux-gnu qemu-user nftables openssh-server >/dev/null; \
+	  rc=$$?; if [ -n "$$own" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
 	fi
 
 # A small random-weight Qwen3-MoE with the real Qwen3 tokenizer: generate, convert, run.
