@@ -489,6 +489,7 @@ def verify(run: Run) -> None:
         run_checks(PYTEST, ["tests/infra/test_infra_recovery.py"], RUN / "recovery.log", run.env,
                    "the recovery checks failed")
     exposure_and_restarts(run)
+    lifecycle(run)
     address_switch_with_a_way_back(run)
 
 
