@@ -23,6 +23,11 @@ must fail nothing), `ansible-playbook site.yml`, and the checks:
      F32 logits within 1e-4 of their range, the same greedy text with Q80 buffers
   6. a real inference through dllama-api crosses every VM; a killed worker is back within 15 s and
      the API recovers (tests/infra/test_infra_recovery.py)
+  7. from a network namespace that is not a cluster peer the worker and mesh ports are closed and
+     the API wants its key (tests/infra/test_infra_exposure.py); a new model file restarts
+     dllama-api and the run after changes nothing
+  with --lifecycle also (issue 15; not yet part of make test): teardown.yml on one worker and
+  site.yml back, upgrade.yml node by node, the address switch and its way back
 
 The VMs and everything that talks to them live inside the namespace; teardown (qemu killed,
 namespace deleted) happens always. The base image and a snapshot of the booted VMs are cached in
@@ -31,6 +36,7 @@ prints its time. Needs root (network namespaces, taps, debootstrap).
 
   --cold   ignore the booted snapshot (boot the VMs from scratch and save a new one)
   --keep   leave the VMs running afterwards (for debugging; `--down` removes them)
+  --lifecycle  also the teardown, upgrade and address-switch phases (above)
   --kvm    use KVM (real hardware virtualisation; untested on these machines)
   --images-only  install the system tools and build the images, nothing else
   --enforce-budget  fail when over the time budget (35 min cold, 17 min warm); without it the
@@ -301,6 +307,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cold", action="store_true", help="ignore the booted snapshot")
     parser.add_argument("--keep", action="store_true", help="leave the VMs running afterwards")
+    parser.add_argument("--lifecycle", action="store_true",
+                        help="also teardown.yml and site.yml again on one worker, upgrade.yml, and the address "
+                             "switch with its way back (~15 min more; not yet part of make test)")
     parser.add_argument("--down", action="store_true", help="only remove VMs left by --keep")
     parser.add_argument("--kvm", action="store_true", help="KVM instead of software emulation")
     parser.add_argument("--images-only", action="store_true",
@@ -489,8 +498,9 @@ def verify(run: Run) -> None:
         run_checks(PYTEST, ["tests/infra/test_infra_recovery.py"], RUN / "recovery.log", run.env,
                    "the recovery checks failed")
     exposure_and_restarts(run)
-    lifecycle(run)
-    address_switch_with_a_way_back(run)
+    if run.args.lifecycle:  # issue 15's phases not yet run through on the VMs end to end
+        lifecycle(run)
+        address_switch_with_a_way_back(run)
 
 
 def testinfra_while_the_api_starts(run: Run) -> None:
@@ -751,6 +761,8 @@ def teardown_and_provision_again(run: Run, vm) -> None:
         say("    " + changed_summary(recap(out)))
         if rc != 0:
             raise Failed(f"site.yml did not provision {vm.name} again")
+        # the root's run restores the model the previous phase replaced: dllama-api restarts
+        say(f"    dllama-api answered after {wait_for_api(run.cluster, API_START_TIMEOUT_S):.0f} s")
         run_checks(PYTEST, ["-k", vm.name, "tests/infra/test_infra_worker.py"], RUN / "testinfra-again.log", run.env,
                    f"{vm.name} is not a worker again")
         # The API noticed nothing: its first request meets the lost worker and it reconnects.
