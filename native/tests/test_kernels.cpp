@@ -469,12 +469,13 @@ void test_dequantize(const Kernels& k, const Kernels* ref) {
     }
 }
 
-// k against ref (another set) or, when ref is null, against the double formulas
+// k against ref (another set) or, when ref is null, against the double formulas; the F16 ones
+// (the KV cache's) over b stored as F16, whose conversion must round exactly as fp32_to_fp16
 void test_vec(const Kernels& k, const Kernels* ref) {
     const char* against = ref ? ref->name : "double formula";
     for (int n : {1, 3, 7, 8, 15, 16, 31, 32, 33, 100, 768, 2048, 4096}) {
-        double worst = 0;
-        bool ok = true;
+        double worst = 0, worst16 = 0;
+        bool ok = true, ok16 = true, exact16 = true;
         for (int rep = 0; rep < 10; rep++) {
             std::vector<float> a(n), b(n), y(n);
             const float sa = rep == 9 ? 1e15f : 1.0f, sb = rep == 8 ? 1e-20f : 1.0f;
@@ -491,9 +492,29 @@ void test_vec(const Kernels& k, const Kernels* ref) {
                 const double want2 = ref ? double(y2[i]) : double(y[i]) + double(s) * double(b[i]);
                 ok = close(y1[i], want2, std::fabs(y[i]) + std::fabs(double(s) * b[i]), &worst) && ok;
             }
+            std::vector<uint16_t> bh(n);
+            std::vector<float> bw(n);
+            k.convert_f32_f16(b.data(), bh.data(), n);
+            for (int i = 0; i < n; i++) {
+                exact16 = exact16 && bh[i] == fp32_to_fp16(b[i]);
+                bw[i] = fp16_to_fp32(bh[i]);
+            }
+            const DotRef rh = dot_f32_ref(a.data(), bw.data(), n);
+            const double want16 = ref ? ref->vec_dot_f16(n, a.data(), bh.data()) : rh.value;
+            ok16 = close(k.vec_dot_f16(n, a.data(), bh.data()), want16, rh.sum_abs, &worst16) && ok16;
+            std::vector<float> z1 = y, z2 = y;
+            k.vec_mad_f16(n, z1.data(), bh.data(), s);
+            if (ref) ref->vec_mad_f16(n, z2.data(), bh.data(), s);
+            for (int i = 0; i < n; i++) {
+                const double want2 = ref ? double(z2[i]) : double(y[i]) + double(s) * double(bw[i]);
+                ok16 = close(z1[i], want2, std::fabs(y[i]) + std::fabs(double(s) * bw[i]), &worst16) && ok16;
+            }
         }
         check(ok, fmt("%s vec_dot_f32 and vec_mad_f32 ~ %s, n=%d", k.name, against, n),
               fmt("worst rel err %.2e", worst));
+        check(exact16, fmt("%s convert_f32_f16 == fp32_to_fp16 exactly, n=%d", k.name, n));
+        check(ok16, fmt("%s vec_dot_f16 and vec_mad_f16 ~ %s, n=%d", k.name, against, n),
+              fmt("worst rel err %.2e", worst16));
     }
 }
 
