@@ -259,6 +259,7 @@ std::string serve_worker(Transformer& model, Mesh& mesh, bool q80) {
         ~Detach() { model.set_all_reduce(nullptr); }
     } detach{model};
     std::vector<uint8_t> body, reply;
+    std::vector<int32_t> tokens;  // the body's tail, copied to be int-aligned
     std::vector<RootEntry> entries;
     std::vector<float> own;
     const int vocab_slice = model.plan().vocab();
@@ -288,7 +289,7 @@ std::string serve_worker(Transformer& model, Mesh& mesh, bool q80) {
                 entries.push_back({{w.seq, w.pos, w.n_tokens}, (StepOutput)w.output, w.temperature});
             }
             if (total != h.n_tokens) return "the root sent a step whose entries do not add up to its tokens";
-            std::vector<int32_t> tokens(h.n_tokens);  // aligned copy of the body's tail
+            tokens.resize(h.n_tokens);
             std::memcpy(tokens.data(), body.data() + (size_t)h.n_entries * sizeof(WireEntry), tokens.size() * sizeof(int32_t));
             try {
                 run_own(model, entries, tokens.data(), own);

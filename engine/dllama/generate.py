@@ -165,7 +165,6 @@ class Generation:
         self._pending = None
 
     def result(self, tokenizer: Any = None) -> GenerationResult:
-        fed = len(self.prompt) if not self.prefilling else self._prompt_at
         return GenerationResult(
             tokens=list(self.tokens),
             finish_reason=self.finish_reason,
@@ -174,7 +173,7 @@ class Generation:
             decode_tokens=self.decode_tokens,
             decode_seconds=self.decode_seconds,
             text=tokenizer.decode(self.tokens) if tokenizer is not None else "",
-            prefill_net=_per_token(self._prefill_net, fed),
+            prefill_net=_per_token(self._prefill_net, self._prompt_at),  # per prompt token fed
             decode_net=_per_token(self._decode_net, self.decode_tokens),
         )
 
