@@ -75,7 +75,8 @@ def check_figures(obj: object) -> dict[str, float | int | None]:
         if value is None:
             out[name] = None
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind is int and not isinstance(value, int)):
             raise ValueError(f"figure {name} is not {'an integer' if kind is int else 'a number'}")
         if not math.isfinite(value) or not low <= value <= high:
             raise ValueError(f"figure {name} is out of range ({low}..{high})")

@@ -3,7 +3,7 @@
     POST /v1/chat/completions   messages -> chat template -> queue -> JSON or SSE chunks
     POST /v1/completions        a plain prompt, same path without the template
     GET  /v1/models[/{id}]      the loaded model and its context length
-    GET  /v1/cluster            every node's figures and the last minutes' rates (the /cluster page's)
+    GET  /v1/cluster            every node's figures, the last minutes' rates (for /cluster)
     GET  /health                200 when the engine is up, 503 naming the lost worker
     GET  /metrics               Prometheus text format
     GET  /, /cluster, /static/* the chat page and the boards' page (pages.py)

@@ -51,11 +51,14 @@ class History:
                 b.net_kb += net.get("sent_kb", 0.0) + net.get("recv_kb", 0.0)
 
     def series(self) -> dict[str, list]:
-        """Oldest first, one point per bucket of the window (empty buckets included, as None)."""
+        """Oldest first, one point per bucket of the whole window, which ends now (buckets before
+        the first step and those without steps give None)."""
         with self._lock:
-            now = self._clock()
-            self._bucket(now)  # the window ends now, even when no step came lately
+            latest = self._bucket(self._clock())
             points = list(self._buckets)
+        size = self._buckets.maxlen or 0
+        first = latest.start - (size - 1) * self.bucket_seconds
+        points = [_Bucket(first + i * self.bucket_seconds) for i in range(size - len(points))] + points
         out: dict[str, list] = {"t": [], "prefill_tps": [], "decode_tps": [], "sync_ms_per_token": [],
                                 "kb_per_token": []}
         for b in points:

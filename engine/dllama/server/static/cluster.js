@@ -12,6 +12,7 @@ const PLOTS = [
   ["kb_per_token", "Network", "KB/token"],
 ];
 let pollMs = 2000;
+let bucketSeconds = 5;
 
 function fixed(value, digits, unit) {
   return value === null || value === undefined ? "n/a" : value.toFixed(digits) + (unit ? " " + unit : "");
@@ -72,8 +73,16 @@ function plot(times, values, title, unit) {
   line.setAttribute("d", path.trim() || "M0 0");
   line.setAttribute("class", "line");
   svg.append(line);
+  values.forEach((v, i) => { // a point between gaps has no line: a dot shows it
+    if (v === null || (values[i - 1] ?? null) !== null || (values[i + 1] ?? null) !== null) return;
+    const dot = document.createElementNS(SVG, "circle");
+    dot.setAttribute("cx", ((i / n) * w).toFixed(1));
+    dot.setAttribute("cy", (h - 2 - (v / top) * (h - 4)).toFixed(1));
+    dot.setAttribute("r", "2");
+    svg.append(dot);
+  });
   const lastKnown = known.length ? known[known.length - 1] : null;
-  const minutes = times.length > 1 ? Math.round((times[times.length - 1] - times[0]) / 60) : 0;
+  const minutes = Math.round((times.length * bucketSeconds) / 60);
   return el("figure", { className: "plot" }, svg,
     el("figcaption", {}, el("strong", { textContent: title + " " }),
       fixed(lastKnown, lastKnown !== null && lastKnown < 10 ? 2 : 1, unit),
@@ -82,10 +91,11 @@ function plot(times, values, title, unit) {
 
 function draw(body) {
   document.querySelector("#nodes tbody").replaceChildren(...body.nodes.map(row));
-  const up = body.nodes.filter((n) => n.status === "up").length;
-  $summary().textContent = `${body.model} · ${up} of ${body.nodes.length} nodes up · ` +
+  const answering = body.nodes.filter((n) => n.status !== "down").length;
+  $summary().textContent = `${body.model} · ${answering} of ${body.nodes.length} nodes answer · ` +
     (body.up ? "engine up" : "engine down: " + body.reason) + ` · ${body.generated_tokens_per_second.toFixed(1)} tok/s now`;
   const h = body.history;
+  bucketSeconds = h.bucket_seconds;
   document.getElementById("plots").replaceChildren(...PLOTS.map(([key, title, unit]) => plot(h.t, h[key], title, unit)));
 }
 
