@@ -134,3 +134,32 @@ def test_a_good_scripted_reply_is_taken():
     finally:
         link.close()
         peer.close()
+
+
+def test_a_worker_serves_a_bounded_number_of_figures_connections(tmp_path):
+    from dllama.cluster.stats_service import MAX_CONVERSATIONS
+
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    key_file.chmod(0o600)
+    worker = WorkerProcess("--cluster-key-file", str(key_file))
+    links = [StatsLink(WorkerAddress.parse(worker.address), KEY) for _ in range(MAX_CONVERSATIONS + 1)]
+    try:
+        for link in links[:-1]:
+            link.ask()  # each kept open
+        with pytest.raises(ClusterError, match=f"at most {MAX_CONVERSATIONS} figures connections"):
+            links[-1].ask()
+        links[0].close()
+        deadline = time.monotonic() + 5
+        while True:  # the freed place is taken by the next caller
+            try:
+                links[-1].ask()
+                break
+            except ClusterError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        for link in links:
+            link.close()
+        log = worker.stop()
+    assert "Traceback" not in log

@@ -1,7 +1,8 @@
 """The engine behind a holder that knows whether it is up.
 
 A single node's engine never goes down. A cluster's does when a worker dies: the step that
-notices raises `WorkerLost(address)`, the request in flight ends with an error, /health turns
+notices raises `WorkerLost(address)` (or, between requests, the node watch reports the worker gone
+or restarted: report_lost, see nodes.py), the request in flight ends with an error, /health turns
 503 naming the worker, and a background loop recreates the engine (connect, handshake, weights:
 fast once the workers cache their slices) with backoff until it succeeds. `dllama-api` itself
 never restarts.
@@ -135,7 +136,8 @@ class EngineHost:
         gone: down and reconnecting now, not at the next request's step. Waits for a step in
         flight to end; a no-op when that engine is already gone."""
         with self._stepping:
-            self._lose(WorkerLost(address, reason), epoch)
+            if self._state.up:  # down already: the reconnect loop is on it
+                self._lose(WorkerLost(address, reason), epoch)
 
     # going down and coming back
 
