@@ -77,8 +77,12 @@ def context(browser, cluster):
         ctx.close()
 
 
-def open_page(context, path: str) -> Page:
+def open_page(context, path: str, key: str | None = None) -> Page:
+    """A new tab at path; with `key`, the browser holds the API key already (as after the chat
+    test asked for it), so a test does not depend on another having run first."""
     page = context.new_page()
+    if key is not None:
+        page.add_init_script(f"localStorage.setItem('dllama.apiKey', {json.dumps(key)})")
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     # the browser logs every 401 (the key being asked for) as an error: only other ones count
@@ -167,7 +171,7 @@ def test_chat_streams_a_reply_and_a_stopped_one_frees_its_slot_at_once(context, 
 
 
 def test_model_text_is_drawn_as_text_never_as_html(context):
-    page = open_page(context, "/")
+    page = open_page(context, "/", key=API_KEY)
     hostile = ("Hi <img src=x onerror=\"window.pwned=1\"> **bold** [x](javascript:window.pwned=2)\n\n"
                "```html\n<script>window.pwned=3</script>\n```\n- <b>item</b>")
     conversation = [{"id": "x", "title": "<b>t</b>", "messages": [
@@ -181,13 +185,18 @@ def test_model_text_is_drawn_as_text_never_as_html(context):
     assert message.locator("strong").inner_text() == "bold"
     assert "<img src=x" in message.locator(".markdown p").first.inner_text()
     assert page.locator(".message.user").inner_text() == "<i>me</i>"
+    thinking = message.locator("details.thinking")  # folded apart from the answer
+    assert thinking.get_attribute("open") is None and thinking.locator("summary").inner_text() == "Thinking"
+    assert thinking.locator(".text").text_content() == "<svg onload=\"window.pwned=4\">"
     assert page.evaluate("window.pwned") is None
     page.evaluate("localStorage.removeItem('dllama.conversations')")
 
 
 def test_boards_page_shows_every_node_and_follows_a_worker_down_and_back(context, cluster):
     srv, workers = cluster
-    page = open_page(context, "/cluster")
+    r = srv.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8})
+    assert r.status_code == 200  # decode steps for the plots
+    page = open_page(context, "/cluster", key=API_KEY)
     rows = page.locator("#nodes tbody tr")
     expect(rows).to_have_count(3)
     for i in range(3):
