@@ -89,7 +89,8 @@ class NodeWatch:
                 except BadReport as e:
                     self._update(address, reachable=True, error=str(e), figures={})
                 except ClusterError as e:
-                    self._update(address, reachable=False, error=str(e), figures={})
+                    if self._update(address, reachable=False, error=str(e), figures={}).reachable:
+                        log.warning("the node watch lost %s: %s", address, e)
                     known = None
                     if refused(e):
                         self.host.report_lost(address, "its port refuses connections (the worker stopped)", epoch)
@@ -97,16 +98,21 @@ class NodeWatch:
                     if known is not None and report.instance != known[0]:
                         self.host.report_lost(address, "the worker restarted", known[1])
                     known = (report.instance, epoch)
-                    self._update(address, reachable=True, error="", figures=report.figures, seen=time.time(),
-                                 serving=report.serving)
+                    before = self._update(address, reachable=True, error="", figures=report.figures,
+                                          seen=time.time(), serving=report.serving)
+                    if not before.reachable and before.seen:
+                        log.warning("the node watch reaches %s again", address)
                 if self._stop.wait(self.interval):
                     return
         finally:
             link.close()
 
-    def _update(self, address: str, **changes: Any) -> None:
+    def _update(self, address: str, **changes: Any) -> NodeView:
+        """Changes a node's view; returns the view before."""
         with self._lock:
-            self._views[address] = replace(self._views[address], **changes)
+            before = self._views[address]
+            self._views[address] = replace(before, **changes)
+        return before
 
 
 def _shown(view: NodeView, status: str) -> dict[str, Any]:
