@@ -69,6 +69,10 @@ function plot(times, values, title, unit) {
     path += (pen ? "L" : "M") + x.toFixed(1) + " " + y.toFixed(1) + " ";
     pen = true;
   });
+  const axis = document.createElementNS(SVG, "path"); // zero, so an empty plot reads as one
+  axis.setAttribute("d", `M0 ${h - 1} L${w} ${h - 1}`);
+  axis.setAttribute("class", "axis");
+  svg.append(axis);
   const line = document.createElementNS(SVG, "path");
   line.setAttribute("d", path.trim() || "M0 0");
   line.setAttribute("class", "line");
