@@ -20,7 +20,7 @@ $(VENV)/.build-deps: Makefile
 
 # Then the package's own dependencies and what the tests use.
 $(VENV)/.deps: $(VENV)/.build-deps pyproject.toml ansible/requirements.txt
-	$(PIP) install -q "torch==2.13.0" "transformers>=5,<6" "pytest>=8" numpy tokenizers "jinja2>=3.1" safetensors tqdm starlette uvicorn prometheus-client openai httpx -r ansible/requirements.txt "ansible-lint==26.10.1" "pytest-testinfra>=10" "pytest-xdist>=3.6"
+	$(PIP) install -q "torch==2.13.0" "transformers>=5,<6" "pytest>=8" numpy tokenizers "jinja2>=3.1" safetensors tqdm starlette uvicorn prometheus-client openai httpx -r ansible/requirements.txt "ansible-lint==26.10.1" "pytest-testinfra>=10" "pytest-xdist>=3.6" "playwright==1.65.2"
 	touch $@
 
 deps: $(VENV)/.deps
@@ -30,14 +30,16 @@ install: deps
 
 # The cross toolchain and user-mode qemu run the NEON kernel tests on this x86 machine; nft checks
 # the firewall role's table, and sshd (started by the test on a loopback port only: policy-rc.d
-# keeps the package from starting the system's) checks ansible.cfg's host key rule.
+# keeps the package from starting the system's) checks ansible.cfg's host key rule; Playwright
+# drives Debian's chromium through the web pages (never `playwright install`: no browser download).
 system-deps:
 	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null \
-	    || ! command -v cmake >/dev/null || ! test -x /usr/sbin/nft || ! test -x /usr/sbin/sshd; then \
+	    || ! command -v cmake >/dev/null || ! test -x /usr/sbin/nft || ! test -x /usr/sbin/sshd \
+	    || ! command -v chromium >/dev/null; then \
 	  own=; if [ ! -e /usr/sbin/policy-rc.d ]; then own=1; printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
 	    chmod 755 /usr/sbin/policy-rc.d; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    cmake g++ g++-aarch64-linux-gnu qemu-user nftables openssh-server >/dev/null; \
+	    cmake g++ g++-aarch64-linux-gnu qemu-user nftables openssh-server chromium >/dev/null; \
 	  rc=$$?; if [ -n "$$own" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
 	fi
 

@@ -129,16 +129,7 @@ class ScriptedWorker:
             self.error = e
 
     def _session(self, conn: socket.socket) -> None:
-        conn.settimeout(10)
-        ch = Channel(conn, sender=WORKER, peer=ROOT)
-        hello = ch.recv_json(Frame.HELLO)
-        here, mine = auth.endpoint(conn.getsockname()), auth.nonce()
-        ch.send_json(Frame.CHALLENGE, {"nonce": mine})
-        fields = (hello["nonce"], mine, here)
-        ch.recv_json(Frame.AUTH)
-        ch.send_json(Frame.AUTH_OK, {"proof": auth.proof(self.key, "worker proof", *fields)})
-        control_key, data_key = auth.session_keys(self.key, *fields)
-        ch.authenticate(control_key)
+        ch, data_key = worker_handshake(conn, self.key)
         config = ch.recv_json(Frame.CONFIG)
         vocab_begin, vocab_end = config["slice"]["vocab"]
         with socket.create_server(("127.0.0.1", 0)) as mesh:  # no other worker calls it
@@ -166,6 +157,56 @@ class ScriptedWorker:
 
     def join(self) -> None:
         self.thread.join(timeout=30)
+        self.listener.close()
+
+
+def worker_handshake(conn: socket.socket, key: bytes) -> tuple[Channel, bytes]:
+    """A worker's side of the handshake with a real root: the authenticated channel and the
+    data-plane key."""
+    conn.settimeout(10)
+    ch = Channel(conn, sender=WORKER, peer=ROOT)
+    hello = ch.recv_json(Frame.HELLO)
+    here, mine = auth.endpoint(conn.getsockname()), auth.nonce()
+    ch.send_json(Frame.CHALLENGE, {"nonce": mine})
+    fields = (hello["nonce"], mine, here)
+    ch.recv_json(Frame.AUTH)
+    ch.send_json(Frame.AUTH_OK, {"proof": auth.proof(key, "worker proof", *fields)})
+    control_key, data_key = auth.session_keys(key, *fields)
+    ch.authenticate(control_key)
+    return ch, data_key
+
+
+class StatsWorker:
+    """Answers a real root's STATS connections (as many as it opens) with `answer(ch)`: it has
+    just read the root's STATS frame and may send what it likes, or nothing."""
+
+    def __init__(self, key: bytes, answer) -> None:
+        self.key, self.answer = key, answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.listener.settimeout(0.1)
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    ch, _ = worker_handshake(conn, self.key)
+                    ch.recv(Frame.STATS)
+                    self.answer(ch)
+                except (OSError, ProtocolError):
+                    pass
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join(timeout=10)
         self.listener.close()
 
 

@@ -179,8 +179,9 @@ def test_a_long_prompt_never_holds_back_a_decoding_request_for_more_than_a_chunk
     steps_seen = []
 
     class Figures:  # the batch reports each step here, as to the server's Metrics
-        def step(self, *, tokens, sequences, generated):
+        def step(self, *, tokens, sequences, generated, prefill_tokens, decode_tokens, seconds, net):
             steps_seen.append((tokens, sequences, generated))
+            assert prefill_tokens + decode_tokens == tokens and seconds > 0 and net == {}
 
         def generation(self, **kwargs):
             pass

@@ -7,6 +7,7 @@ a real worker.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -273,6 +274,48 @@ def test_a_lost_worker_takes_the_host_down_and_it_reconnects(tiny):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert len(created) == 3
+    finally:
+        host.close()
+
+
+def test_a_loss_reported_from_outside_the_steps_waits_for_the_step_and_names_its_engine(tiny):
+    """The node watch's report: the engine it names is dropped (after the step running on it),
+    a report about an engine already replaced changes nothing."""
+    created = []
+
+    def factory() -> Engine:
+        created.append(Engine(tiny[1], nthreads=1, max_seq_len=64))
+        return created[-1]
+
+    host = EngineHost(factory, workers=["10.0.0.2:9999"], min_backoff=0.05, max_backoff=0.1)
+    host.start()
+    try:
+        epoch = host.epoch
+        in_step, release = threading.Event(), threading.Event()
+
+        def slow_step(engine: Engine):
+            in_step.set()
+            release.wait(10)
+            return engine.forward([1])
+
+        stepping = threading.Thread(target=host.run, args=(slow_step,))
+        stepping.start()
+        assert in_step.wait(10)
+        reporter = threading.Thread(target=host.report_lost, args=("10.0.0.2:9999", "port refused", epoch))
+        reporter.start()
+        time.sleep(0.1)
+        assert host.state.up and reporter.is_alive()  # the step in flight ends first
+        release.set()
+        stepping.join(10)
+        reporter.join(10)
+        assert not host.state.up or len(created) == 2
+        deadline = time.monotonic() + 10
+        while not host.state.up:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert len(created) == 2 and host.epoch != epoch
+        host.report_lost("10.0.0.2:9999", "the worker restarted", epoch)  # about the engine already gone
+        assert host.state.up and host.info() is created[1]
     finally:
         host.close()
 

@@ -125,6 +125,9 @@ def test_our_wheel_is_tagged_for_its_kind_and_its_record_holds(wheelhouse, kind,
             [f"dllama/_core.cpython-{xy}-{arch}-linux-gnu.so"]
         assert "dllama/engine.py" in whl.namelist()
         assert {"dllama/_core.pyi", "dllama/py.typed"} <= set(whl.namelist())  # the core's types
+        # dllama-api's pages: served from the wheel, nothing fetched at run time
+        assert {f"dllama/server/static/{f}" for f in ("chat.html", "cluster.html", "chat.js", "cluster.js",
+                                                      "common.js", "markdown.js", "style.css")} <= set(whl.namelist())
         record = whl.read("dllama_cluster-0.1.0.dist-info/RECORD").decode().splitlines()
         listed = {}
         for line in record:

@@ -40,6 +40,9 @@ class Frame(enum.IntEnum):
     ERROR = 12  # either way: {"message"}
     MESH_CHALLENGE = 13  # dialled worker -> dialler: {"nonce", "proof"}
     MESH_AUTH = 14  # dialler -> dialled worker: {"proof"}
+    # root -> worker instead of CONFIG, then again every few seconds on that connection: {};
+    # worker -> root: {"instance", "serving", "figures"} (see node_stats)
+    STATS = 15
 
 
 KiB, MiB = 1024, 1024 * 1024
@@ -49,6 +52,7 @@ MAX_LENGTH = {f: 64 * KiB for f in Frame}
 MAX_LENGTH[Frame.CONFIG] = 16 * MiB  # the manifest of a big MoE lists tens of thousands of tensors
 MAX_LENGTH[Frame.MESH] = 1 * MiB
 MAX_LENGTH[Frame.WEIGHTS] = WEIGHT_HEADER.size + WEIGHT_CHUNK
+MAX_LENGTH[Frame.STATS] = 4 * KiB  # a dozen numbers
 # Longest message text taken from a peer's ERROR frame.
 MAX_MESSAGE = 500
 

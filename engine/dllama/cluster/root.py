@@ -119,10 +119,34 @@ def _dial(address: WorkerAddress, timeout: float) -> socket.socket:
 
 def _introduce(ch: Channel, address: WorkerAddress, key: bytes, session: Session, timeout: float
                ) -> tuple[dict, bytes]:
-    """The handshake, under one deadline, then CONFIG. Both proofs cover both nonces, their
-    direction and the address this root reached, so a host that took over a worker's address
-    cannot pass the root's proof on to a real worker elsewhere. Returns CONFIG_OK and the key
-    of this worker's data-plane link."""
+    """The handshake, then CONFIG. Returns CONFIG_OK and the key of this worker's data-plane link."""
+    data_key = prove(ch, address, key, timeout)
+    _guard(address, ch.send_json, Frame.CONFIG, session.to_json())
+    ch.set_timeout(PREPARE_TIMEOUT)
+    reply = _guard(address, ch.recv_json, Frame.CONFIG_OK)
+    ch.set_timeout(timeout)
+    if not isinstance(reply.get("cached"), bool) or not isinstance(reply.get("mesh_port"), int) \
+            or not 0 < reply["mesh_port"] < 65536:
+        raise ClusterError(str(address), "malformed CONFIG_OK")
+    return reply, data_key
+
+
+def open_channel(address: WorkerAddress, key: bytes, timeout: float) -> Channel:
+    """A new authenticated control connection to a worker (for what is not a session: STATS)."""
+    ch = Channel(_dial(address, timeout), sender=ROOT, peer=WORKER)
+    try:
+        prove(ch, address, key, timeout)
+    except BaseException:
+        ch.sock.close()
+        raise
+    return ch
+
+
+def prove(ch: Channel, address: WorkerAddress, key: bytes, timeout: float) -> bytes:
+    """The handshake, under one deadline; every later frame on `ch` is MACed. Both proofs cover
+    both nonces, their direction and the address this root reached, so a host that took over a
+    worker's address cannot pass the root's proof on to a real worker elsewhere. Returns the
+    key of this worker's data-plane link."""
     ch.set_deadline(timeout)
     dialled = auth.endpoint(ch.sock.getpeername())
     root_nonce = auth.nonce()
@@ -137,14 +161,7 @@ def _introduce(ch: Channel, address: WorkerAddress, key: bytes, session: Session
         raise ClusterError(str(address), "the worker does not hold this root's cluster key")
     control_key, data_key = auth.session_keys(key, *fields)
     ch.authenticate(control_key)
-    _guard(address, ch.send_json, Frame.CONFIG, session.to_json())
-    ch.set_timeout(PREPARE_TIMEOUT)
-    reply = _guard(address, ch.recv_json, Frame.CONFIG_OK)
-    ch.set_timeout(timeout)
-    if not isinstance(reply.get("cached"), bool) or not isinstance(reply.get("mesh_port"), int) \
-            or not 0 < reply["mesh_port"] < 65536:
-        raise ClusterError(str(address), "malformed CONFIG_OK")
-    return reply, data_key
+    return data_key
 
 
 def _send_weights(ch: Channel, address, model: ModelFile, tensors: list[TensorSlice], bar) -> int:

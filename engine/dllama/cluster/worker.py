@@ -19,6 +19,7 @@ from .cache import SliceCache
 from .digest import weight_digest
 from .footprint import memory_refusal, session_memory_bytes
 from .gate import Gate, RateLimitedLog
+from .stats_service import StatsService
 from .protocol import (WEIGHT_HEADER, Channel, Frame, PeerClosed, ProtocolError, RemoteError, decode_json,
                        printable)
 from .root import ROOT, WORKER
@@ -56,6 +57,7 @@ class Worker:
         self.cache = SliceCache(cache_dir, log, cache_max_bytes) if cache_dir else None
         self.warn = RateLimitedLog(log)
         self.serving = threading.Lock()  # one root's session at a time: it uses the whole machine
+        self.stats = StatsService(lambda: self.serving.locked(), log)
 
     def serve_forever(self) -> None:
         with socket.create_server((self.host, self.port), backlog=64, reuse_port=False) as listener:
@@ -83,7 +85,23 @@ class Worker:
         except Exception:
             conn.close()
             raise
-        return lambda: self.run_session(ch, peer, data_key)
+        return lambda: self.converse(ch, peer, data_key)
+
+    def converse(self, ch: Channel, peer: str, data_key: bytes) -> None:
+        """An authenticated root's first frame says what it wants: a session (CONFIG) or this
+        node's figures (STATS), which never touch the session or wait for it."""
+        try:
+            ch.set_timeout(self.timeout)
+            kind, payload = ch.recv(Frame.CONFIG, Frame.STATS)
+        except ProtocolError as e:
+            log(f"root {peer}: {e}; connection closed")
+            ch.send_error(str(e))
+            ch.sock.close()
+            return
+        if kind == Frame.STATS:
+            self.stats.serve(ch, peer)
+        else:
+            self.run_session(ch, peer, data_key, decode_json(payload, kind))
 
     def handshake(self, ch: Channel, peer: str) -> bytes:
         hello = ch.recv_json(Frame.HELLO)
@@ -107,12 +125,10 @@ class Worker:
         ch.authenticate(control_key)
         return data_key
 
-    def run_session(self, ch: Channel, peer: str, data_key: bytes) -> None:
+    def run_session(self, ch: Channel, peer: str, data_key: bytes, config: dict) -> None:
         """An authenticated root's session; whatever goes wrong, the root is told why (if it
         still listens), the session's memory is given back and the next root is served."""
         try:
-            ch.set_timeout(self.timeout)
-            config = ch.recv_json(Frame.CONFIG)
             if not self.serving.acquire(blocking=False):
                 log(f"root {peer} waits for the current session to end")
                 if not self.serving.acquire(timeout=MESH_TIMEOUT):

@@ -9,10 +9,13 @@
     schemas.py    request validation (OpenAI's fields, OpenAI-shaped errors)
     errors.py     ApiError: an HTTP status plus OpenAI's error body
     metrics.py    the Prometheus registry
+    history.py    the last minutes' rates per time bucket (the /cluster page's plots)
+    nodes.py      every node's figures (the workers' over STATS), and telling the host of a dead worker
+    pages.py      the chat and boards pages from static/, with their Content-Security-Policy
     app.py        the starlette routes, SSE streaming, auth, body limits
     connections.py  uvicorn's h11 protocol with read deadlines, a connection cap, JSON errors
     logs.py       warnings a client can cause, rate-limited
 
-Only app.py imports starlette; host.py imports nothing beyond the standard library, so the
+Only app.py and pages.py import starlette; host.py imports nothing beyond the standard library, so the
 engine may raise `WorkerLost` without pulling in the web stack.
 """

@@ -3,11 +3,13 @@
     POST /v1/chat/completions   messages -> chat template -> queue -> JSON or SSE chunks
     POST /v1/completions        a plain prompt, same path without the template
     GET  /v1/models[/{id}]      the loaded model and its context length
+    GET  /v1/cluster            every node's figures, the last minutes' rates (for /cluster)
     GET  /health                200 when the engine is up, 503 naming the lost worker
     GET  /metrics               Prometheus text format
+    GET  /, /cluster, /static/* the chat page and the boards' page (pages.py)
 
 /v1/* needs `Authorization: Bearer KEY` when the server has an API key; /health and /metrics
-stay open for probes and scrapers. Every error is OpenAI's {"error": {...}} body.
+stay open for probes and scrapers, and so do the pages, which hold no secret. Every error is OpenAI's {"error": {...}} body.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from starlette.routing import Route
 from .errors import ApiError, bad_request, unavailable
 from .host import EngineDown, EngineHost
 from .metrics import CONTENT_TYPE, Live, Metrics
+from .nodes import NodeWatch
+from .pages import Pages
 from .jobs import Failed, Finished, Job, Started
 from .scheduler import QueueFull, Scheduler
 from .schemas import Sampling, chat_request, completion_request, parse_json
@@ -56,15 +60,18 @@ class ServerConfig:
 
 
 def create_app(config: ServerConfig, host: EngineHost, scheduler: Scheduler, tokenizer: Any,
-               metrics: Metrics) -> Starlette:
-    api = _Api(config, host, scheduler, tokenizer, metrics)
+               metrics: Metrics, watch: NodeWatch) -> Starlette:
+    api = _Api(config, host, scheduler, tokenizer, metrics, watch)
+    pages = Pages()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         scheduler.start()
+        watch.start()
         try:
             yield
         finally:
+            await run_in_threadpool(watch.stop)
             await run_in_threadpool(scheduler.stop)
 
     routes = [
@@ -74,24 +81,29 @@ def create_app(config: ServerConfig, host: EngineHost, scheduler: Scheduler, tok
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_text, methods=["GET"]),
+        Route("/v1/cluster", api.cluster, methods=["GET"]),
+        Route("/", pages.page, methods=["GET"]),
+        Route("/cluster", pages.page, methods=["GET"]),
+        Route("/static/{name}", pages.static, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: _http_error, Exception: _server_error})
 
 
-def live_figures(host: EngineHost, scheduler: Scheduler) -> Callable[[], Live]:
+def live_figures(host: EngineHost, scheduler: Scheduler, watch: NodeWatch) -> Callable[[], Live]:
     def live() -> Live:
         waiting, running = scheduler.counts()
         state = host.state
         return Live(waiting=waiting, running=running, parallel=scheduler.parallel, queue_size=scheduler.queue_size,
-                    up=state.up, workers=dict(state.workers))
+                    up=state.up, workers=dict(state.workers), nodes=watch.nodes())
     return live
 
 
 class _Api:
     def __init__(self, config: ServerConfig, host: EngineHost, scheduler: Scheduler, tokenizer: Any,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, watch: NodeWatch) -> None:
         self.config = config
+        self.watch = watch
         self.host = host
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -160,6 +172,22 @@ class _Api:
         body["down_since"] = state.since
         body["reconnect_attempts"] = state.attempts
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+    async def cluster(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except ApiError as e:
+            return self._error("/v1/cluster", e)
+        state = self.host.state
+        return JSONResponse({
+            "model": self.config.model_name,
+            "up": state.up,
+            "reason": state.reason,
+            "nodes": self.watch.nodes(),
+            "poll_seconds": self.watch.interval,
+            "generated_tokens_per_second": self.metrics.recent.rate(),
+            "history": {"bucket_seconds": self.metrics.history.bucket_seconds, **self.metrics.history.series()},
+        })
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)

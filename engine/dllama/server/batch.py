@@ -132,6 +132,9 @@ class Batch:
             return
         members = [self.running[i] for i, _ in planned]
         entries = [entry for _, entry in planned]
+        # before the step, which moves a prompt's last piece on to decoding
+        prefill_tokens = sum(len(e.tokens) for r, e in zip(members, entries) if r.generation.prefilling)
+        decoding = sum(not r.generation.prefilling for r in members)
         started = time.perf_counter()
         results = engine.step(entries)
         seconds = time.perf_counter() - started
@@ -149,7 +152,8 @@ class Batch:
         self._leave_cancelled(engine)  # a client that left during the step frees its slot now
         if self.metrics is not None:
             self.metrics.step(tokens=sum(len(e.tokens) for e in entries), sequences=len(entries),
-                              generated=generated)
+                              generated=generated, prefill_tokens=prefill_tokens, decode_tokens=decoding,
+                              seconds=seconds, net=stats)
 
     def fail_all(self, error: ApiError) -> None:
         """The step failed (a worker lost, the engine down): every running job ends with error,

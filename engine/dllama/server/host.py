@@ -1,7 +1,8 @@
 """The engine behind a holder that knows whether it is up.
 
 A single node's engine never goes down. A cluster's does when a worker dies: the step that
-notices raises `WorkerLost(address)`, the request in flight ends with an error, /health turns
+notices raises `WorkerLost(address)` (or, between requests, the node watch reports the worker gone
+or restarted: report_lost, see nodes.py), the request in flight ends with an error, /health turns
 503 naming the worker, and a background loop recreates the engine (connect, handshake, weights:
 fast once the workers cache their slices) with backoff until it succeeds. `dllama-api` itself
 never restarts.
@@ -60,6 +61,7 @@ class EngineHost:
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
         self._lock = threading.Lock()
+        self._stepping = threading.Lock()  # held while a step runs: no one closes the engine under it
         self._closed = threading.Event()
         self._engine: Any = None
         self._generation = 0  # bumped each time an engine is created: a loss is reported once
@@ -76,6 +78,11 @@ class EngineHost:
     @property
     def workers(self) -> list[str]:
         return list(self._workers)
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever an engine is installed or lost: report_lost names the engine it means."""
+        return self._generation
 
     def info(self) -> Any:
         """The live engine (for figures such as max_seq_len), or None while down."""
@@ -110,18 +117,27 @@ class EngineHost:
     def run(self, step: Callable[[Any], T]) -> T:
         """step(engine) on the live engine. A WorkerLost, or an OSError from the engine's sockets,
         marks the host down, starts the reconnect loop and is raised as WorkerLost."""
-        with self._lock:
-            if not self._state.up:
-                raise EngineDown(self._state.reason)
-            engine, generation = self._engine, self._generation
-        try:
-            return step(engine)
-        except OSError as e:  # the engine's WorkerLost, a ClusterError, a socket error
-            lost = self._as_lost(e)
-            self._lose(lost, generation)
-            if lost is e:
-                raise
-            raise lost from e
+        with self._stepping:
+            with self._lock:
+                if not self._state.up:
+                    raise EngineDown(self._state.reason)
+                engine, generation = self._engine, self._generation
+            try:
+                return step(engine)
+            except OSError as e:  # the engine's WorkerLost, a ClusterError, a socket error
+                lost = self._as_lost(e)
+                self._lose(lost, generation)
+                if lost is e:
+                    raise
+                raise lost from e
+
+    def report_lost(self, address: str, reason: str, epoch: int) -> None:
+        """Someone outside the steps (the node watch) knows a worker of the engine of `epoch` is
+        gone: down and reconnecting now, not at the next request's step. Waits for a step in
+        flight to end; a no-op when that engine is already gone."""
+        with self._stepping:
+            if self._state.up:  # down already: the reconnect loop is on it
+                self._lose(WorkerLost(address, reason), epoch)
 
     # going down and coming back
 

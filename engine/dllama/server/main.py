@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .app import ServerConfig
     from .connections import ConnectionLimits
     from .host import EngineHost
+    from .nodes import NodeWatch
     from .scheduler import Scheduler
     from .schemas import Sampling
 
@@ -202,9 +203,21 @@ def _app(config: ServerConfig, host: EngineHost, tokenizer: Tokenizer, args: arg
 
     scheduler = Scheduler(host, tokenizer, queue_size=args.queue_size, parallel=args.parallel,
                           prefill_chunk=args.prefill_chunk)
-    metrics = Metrics(live_figures(host, scheduler))
+    watch = _node_watch(host, args)
+    metrics = Metrics(live_figures(host, scheduler, watch))
     scheduler.metrics = metrics
-    return scheduler, create_app(config, host, scheduler, tokenizer, metrics)
+    return scheduler, create_app(config, host, scheduler, tokenizer, metrics, watch)
+
+
+def _node_watch(host: EngineHost, args: argparse.Namespace) -> NodeWatch:
+    """The boards' figures for /cluster and /metrics: the workers asked with the cluster key."""
+    from dllama.cluster.auth import load_key
+
+    from .nodes import NodeWatch
+
+    # no key file: the engine warned already, and an empty key is what it uses too
+    key = load_key(args.cluster_key_file, "root") if args.workers and args.cluster_key_file else b""
+    return NodeWatch(host.workers, key, host)
 
 
 def _say_serving(args: argparse.Namespace, config: ServerConfig, scheduler: Scheduler) -> None:

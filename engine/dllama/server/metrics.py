@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from .history import History
+
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 RATE_WINDOW_SECONDS = 10.0
 # a step's tokens: one per decoding sequence, plus up to --prefill-chunk prompt tokens
@@ -33,6 +35,7 @@ class Live:
     queue_size: int
     up: bool
     workers: dict[str, bool] = field(default_factory=dict)
+    nodes: list[dict] = field(default_factory=list)  # NodeWatch.nodes(): the root and each worker
 
 
 class Metrics:
@@ -68,6 +71,7 @@ class Metrics:
         self.step_sequences = Histogram("dllama_step_sequences", "Sequences advanced per engine step",
                                         buckets=STEP_SEQUENCE_BUCKETS, registry=r)
         self.recent = Window(RATE_WINDOW_SECONDS)
+        self.history = History()
         r.register(_LiveCollector(live, self.recent))
 
     def request(self, endpoint: str, status: int) -> None:
@@ -89,11 +93,15 @@ class Metrics:
             self.sent_kb.set(net.get("sent_kb", 0.0))
             self.recv_kb.set(net.get("recv_kb", 0.0))
 
-    def step(self, *, tokens: int, sequences: int, generated: int) -> None:
-        """An engine step: tokens fed, sequences in it, tokens it generated (sampled and kept)."""
+    def step(self, *, tokens: int, sequences: int, generated: int, prefill_tokens: int = 0, decode_tokens: int = 0,
+             seconds: float = 0.0, net: dict[str, float] | None = None) -> None:
+        """An engine step: tokens fed, sequences in it, tokens it generated (sampled and kept);
+        for the history, the prompt tokens among those fed, the decoding sequences' tokens, the
+        step's time and its network figures."""
         self.step_tokens.observe(tokens)
         self.step_sequences.observe(sequences)
         self.recent.add(generated)
+        self.history.step(prefill_tokens=prefill_tokens, decode_tokens=decode_tokens, seconds=seconds, net=net or {})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -149,3 +157,39 @@ class _LiveCollector:
         for address, up in live.workers.items():
             workers.add_metric([address], int(up))
         yield workers
+        yield from node_gauges(live.nodes)
+
+
+# (name, help, the figure it shows)
+NODE_GAUGES = (
+    ("dllama_node_temperature_celsius", "CPU temperature", "temperature_c"),
+    ("dllama_node_cpu_mhz", "CPU clock now (cpu0)", "cpu_mhz"),
+    ("dllama_node_load1", "Load average over 1 minute", "load1"),
+    ("dllama_node_engine_rss_bytes", "Resident memory of the engine process (dllama-api on the root, "
+     "dllama worker on a worker)", "rss_bytes"),
+    ("dllama_node_memory_total_bytes", "Memory of the node", "mem_total_bytes"),
+    ("dllama_node_memory_available_bytes", "Memory available for new processes", "mem_available_bytes"),
+)
+
+
+def node_gauges(nodes: list[dict]) -> Iterator[Metric]:
+    """Per node (label node: "root" or the worker's HOST:PORT): up, each figure it reported, and
+    the Pi's throttling flags now and since boot (nodes without vcgencmd have no such series)."""
+    up = GaugeMetricFamily("dllama_node_up", "1 when the node answers (a worker: its figures connection)",
+                           labels=["node"])
+    families = [(GaugeMetricFamily(name, text, labels=["node"]), key) for name, text, key in NODE_GAUGES]
+    throttle = GaugeMetricFamily("dllama_node_throttle", "1 when vcgencmd get_throttled reports the flag "
+                                 "(now, or at some point since boot)", labels=["node", "flag", "since_boot"])
+    for node in nodes:
+        up.add_metric([node["address"]], int(node["status"] != "down"))
+        for family, key in families:
+            value = node["figures"].get(key)
+            if value is not None:
+                family.add_metric([node["address"]], value)
+        for when, flags in (node["throttling"] or {}).items():
+            for flag, on in flags.items():
+                throttle.add_metric([node["address"], flag, str(int(when == "since_boot"))], int(on))
+    yield up
+    for family, _ in families:
+        yield family
+    yield throttle
