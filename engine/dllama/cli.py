@@ -271,7 +271,7 @@ def _mount_convert(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> tuple[Tokenizer, Engine]:
     launch.note_ignored_flags(PROG, args)
     model, tokenizer = launch.load_tokenizer(args)
-    engine = launch.open_engine(args, model)
+    engine = launch.open_engine(args, model, vocab_limit=tokenizer.vocab_size)
     try:
         launch.check_vocab(tokenizer, engine.config.vocab_size)
         launch.announce(PROG, engine, args)

@@ -145,9 +145,11 @@ def check_vocab(tokenizer: Tokenizer, model_vocab: Any) -> None:
         )
 
 
-def open_engine(args: argparse.Namespace, model: Path, max_sequences: int = 1) -> Engine:
+def open_engine(args: argparse.Namespace, model: Path, max_sequences: int = 1,
+                vocab_limit: int | None = None) -> Engine:
     """The engine the flags ask for, holding `max_sequences` sequences at once: this node alone,
-    or the root of --workers."""
+    or the root of --workers. `vocab_limit`: the tokenizer's vocabulary (the model's padding rows
+    past it are never sampled)."""
     try:
         from dllama import Engine
     except ImportError as e:
@@ -156,7 +158,8 @@ def open_engine(args: argparse.Namespace, model: Path, max_sequences: int = 1) -
     options: dict[str, Any] = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
     return Engine(str(model), nthreads=args.nthreads, buffer_float_type=args.buffer_float_type,
                   workers=list(args.workers), cluster_key_file=args.cluster_key_file,
-                  max_sequences=max_sequences, kv_cache_type=args.kv_cache_type, **options)
+                  max_sequences=max_sequences, kv_cache_type=args.kv_cache_type, vocab_limit=vocab_limit,
+                  **options)
 
 
 def announce(prog: str, engine: Engine, args: argparse.Namespace) -> None:
