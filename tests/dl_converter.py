@@ -136,3 +136,58 @@ def convert(folder: str | os.PathLike, weights_float_type: int) -> bytes:
         x = t.detach().cpu().view(-1).to(torch.float32).numpy().astype(np.float32)
         out.append(q40(x) if float_type == Q40 else x.astype("<f4").tobytes())
     return b"".join(out)
+
+
+# -- converter/convert-tokenizer-hf.py (PreTrainedTokenizerFast path) + tokenizer-writer.py ----
+
+def _unicode_to_bytes() -> dict[str, int]:
+    """convert-tokenizer-hf.py unicodeToBytes (GPT-2's byte <-> printable character table)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip([chr(c) for c in cs], bs))
+
+
+def tokenizer_file(folder: str | os.PathLike) -> bytes:
+    """The dllama_tokenizer_*.t its convert-tokenizer-hf.py writes for a Hugging Face folder."""
+    from transformers import PreTrainedTokenizerFast
+
+    with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+        tk_config = json.load(f)
+    utb = _unicode_to_bytes()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
+    tokens, scores = [], []
+    for i in range(len(tokenizer.get_vocab())):
+        out = []
+        for ch in tokenizer.convert_ids_to_tokens([i])[0]:
+            out += [utb[ch]] if ch in utb else list(ch.encode("utf-8"))
+        tokens.append(bytes(out))
+        scores.append(-float(i))
+    bos_id, eos_ids = tokenizer.bos_token_id, [tokenizer.eos_token_id] if tokenizer.eos_token_id else None
+    if bos_id is None or eos_ids is None:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        bos_id = config["bos_token_id"] if bos_id is None else bos_id
+        if eos_ids is None:
+            eos = config["eos_token_id"]
+            eos_ids = eos if isinstance(eos, list) else [eos]
+    template = tk_config["chat_template"].encode("utf-8") if "chat_template" in tk_config else None
+    add_bos = tk_config.get("add_bos_token", True)
+    # tokenizer-writer.py writeTokenizer
+    params = {"bos_id": bos_id, "version": 1, "vocab_size": len(tokens), "max_token_length": max(map(len, tokens))}
+    if template:
+        params["chat_template"] = len(template)
+    params["n_eos_tokens"] = len(eos_ids)
+    params["add_bos"] = 1 if add_bos else 0
+    keys = {"version": 0, "vocab_size": 1, "max_token_length": 2, "bos_id": 3, "chat_template": 7,
+            "n_eos_tokens": 9, "add_bos": 10}
+    data = b"".join(struct.pack("ii", keys[k], v) for k, v in params.items() if v is not None)
+    out = [struct.pack("i", 0x567124), struct.pack("i", 8 + len(data)), data, template or b""]
+    out += [struct.pack("i", e) for e in eos_ids]
+    out += [struct.pack("fI", s, len(t)) + t for t, s in zip(tokens, scores)]
+    return b"".join(out)
