@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 MAGIC = 0x0A00ABCD
 OLD_MAGICS = (0x00ABCD00, 0x00ABCD01)
-MAX_HEADER_PAIRS = 256  # a real header has 22 pairs; more than this is a corrupt file
+MAX_HEADER_PAIRS = 256  # a real header has at most 22 pairs; more than this is a corrupt file
 
 # Header keys, in FORMATS.md order: key number -> ModelConfig field.
 HEADER_KEYS: dict[int, str] = {
