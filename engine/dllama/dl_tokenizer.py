@@ -330,12 +330,17 @@ def is_tokenizer_file(path: str | os.PathLike) -> bool:
 BUILD = b"dl-tokenizer-1"  # change when hf_tokenizer builds differently: old cache entries then go unused
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """$DLLAMA_CACHE_DIR, else $XDG_CACHE_HOME/dllama, else ~/.cache/dllama."""
     base = os.environ.get("DLLAMA_CACHE_DIR")
     if base:
-        return Path(base) / "tokenizers"
+        return Path(base)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "dllama" / "tokenizers"
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "dllama"
+
+
+def cache_dir() -> Path:
+    return cache_root() / "tokenizers"
 
 
 def load(path: str | os.PathLike) -> tuple[Any, TokenizerFile]:
