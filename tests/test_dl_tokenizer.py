@@ -148,3 +148,36 @@ def test_convert_tokenizer_refuses_a_directory_without_bos_and_eos(hf_dir, tmp_p
     assert main(["convert-tokenizer", str(d), "-o", str(out)]) == 1
     assert "no bos_token_id / eos_token_id" in capsys.readouterr().err and not out.exists()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_llama3_style_tokenizer_round_trips(tmp_path):
+    """The Llama 3 family (its split pattern, ignore_merges, BOS added): a byte-level BPE trained
+    here in that shape goes through convert-tokenizer and back to the same ids."""
+    from tokenizers import Regex, decoders, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HfTokenizer
+    from tokenizers.models import BPE
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tk = HfTokenizer(BPE(ignore_merges=True))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(dl_tokenizer.LLAMA3_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(TEXTS * 20, trainers.BpeTrainer(vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
+    tk.add_special_tokens(specials)
+    bos = tk.token_to_id(specials[0])
+    tk.post_processor = processors.TemplateProcessing(single=f"{specials[0]} $A", special_tokens=[(specials[0], bos)])
+    d = tmp_path / "llama"
+    d.mkdir()
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                         "bos_token": specials[0], "eos_token": specials[4]}))
+    (d / "config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": [bos + 1, bos + 4]}))
+    out = tmp_path / "llama.t"
+    assert main(["convert-tokenizer", str(d), "-o", str(out)]) == 0
+    hf, dl = Tokenizer.load(d), Tokenizer.load(out)
+    assert dl.bos_id == hf.bos_id == bos and dl.add_bos and hf.add_bos
+    for text in [*TEXTS, "1234567 12 1", "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"]:
+        assert dl.encode(text) == hf.encode(text) and dl.encode(text)[0] == bos, text
+        assert dl.decode(hf.encode(text)) == hf.decode(hf.encode(text))
