@@ -89,8 +89,8 @@ class Hub:
 
 
 def small_model_bytes(tmp_path: Path) -> bytes:
-    """A real (tiny, random f32) Qwen3 .m file: ~100 KB."""
-    config = ModelConfig(arch=Arch.QWEN3, dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=160,
+    """A real (tiny, random f32) Qwen3 .m file, ~150 KB, whose vocabulary is small_tokenizer_bytes'."""
+    config = ModelConfig(arch=Arch.QWEN3, dim=64, hidden_dim=96, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=258,
                          seq_len=256, weight_type=FloatType.F32, head_dim=16, norm_epsilon=6, rope_theta=1000000)
     rng = np.random.default_rng(0)
     path = tmp_path / "small.m"

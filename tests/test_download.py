@@ -3,6 +3,7 @@ real .m file in parts and a .t tokenizer, with Range requests, dropped connectio
 ignores Range, wrong checksums and files that do not match their header."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,10 @@ def test_parts_are_joined_verified_and_the_command_printed(hub, tmp_path, capsys
     model, tok = download.paths(tmp_path / "models", MULTI)
     assert model.read_bytes() == hub.model and tok.read_bytes() == hub.tokenizer
     assert f"dllama chat --model {model} --tokenizer {tok}" in out.out
+    assert f"dllama inference --model {model} --tokenizer {tok}" in out.out
     assert not leftovers(tmp_path)
     with ModelFile.open(model) as mf:
-        assert mf.config.vocab_size == 160
+        assert mf.config.vocab_size == 258
     assert TokenizerFile.read(tok).eos_ids == [257]
     # a second run finds both complete and fetches nothing
     hub.requests.clear()
@@ -127,3 +129,13 @@ def test_without_a_listing_sizes_are_checked_and_a_short_model_is_refused(hub, t
 def test_an_unknown_model_is_named(capsys):
     assert main(["download", "qwen9_huge"]) == 1
     assert "unknown model 'qwen9_huge'" in capsys.readouterr().err
+
+
+def test_the_printed_inference_command_runs_the_download(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DLLAMA_CACHE_DIR", str(tmp_path / "cache"))
+    code, out = run(hub, tmp_path, SINGLE, capsys)
+    assert code == 0, out.err
+    command = next(shlex.split(line) for line in out.out.splitlines() if line.strip().startswith("dllama inference"))
+    assert main([*command[1:], "--nthreads", "1", "--temperature", "0", "--steps", "4"]) == 0
+    ran = capsys.readouterr()
+    assert ran.out.startswith("Hello world") and "Prediction" in ran.out, ran.err

@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import urllib.error
@@ -346,12 +347,14 @@ def download(name: str, directory: str | os.PathLike = "models", base: str | Non
     return model_path, tokenizer_path
 
 
-def run_command(name: str, model_path: Path, tokenizer_path: Path) -> str:
-    """The command that runs a downloaded catalogue model (launch.py's, with our flags)."""
+def run_commands(name: str, model_path: Path, tokenizer_path: Path) -> list[str]:
+    """The commands that run a downloaded catalogue model: a chat (launch.py's, for its chat
+    models) and a one-prompt `dllama inference`."""
     model = MODELS[name]
-    command = "dllama chat" if model.chat else 'dllama inference --steps 64 --prompt "Hello world"'
-    return (f"{command} --model {model_path} --tokenizer {tokenizer_path} --buffer-float-type q80 "
-            f"--max-seq-len {model.max_seq_len}")
+    flags = (f"--model {shlex.quote(str(model_path))} --tokenizer {shlex.quote(str(tokenizer_path))} --buffer-float-type q80 "
+             f"--max-seq-len {model.max_seq_len}")
+    commands = [f"dllama chat {flags}"] if model.chat else []
+    return commands + [f'dllama inference {flags} --prompt "Hello world" --steps 64']
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -371,6 +374,6 @@ def run(args: argparse.Namespace) -> int:
         return 0 if args.list else 2
     name = model_name(args.model)
     model_path, tokenizer_path = download(name, args.dir, args.base_url, progress=not args.no_progress)
-    print(f"downloaded {model_path} and {tokenizer_path}; run it with:\n\n    "
-          f"{run_command(name, model_path, tokenizer_path)}\n")
+    commands = "\n    ".join(run_commands(name, model_path, tokenizer_path))
+    print(f"downloaded {model_path} and {tokenizer_path}; run it with:\n\n    {commands}\n")
     return 0
