@@ -111,6 +111,16 @@ def test_header_bytes_keys_in_distributed_llama_order():
     assert parse_header(h)[0] == c
 
 
+def test_a_header_with_every_key_as_we_wrote_them_before_still_reads():
+    """Files written before the header followed Distributed Llama's converter: all 22 keys, in key
+    order, unused ones 0."""
+    c = tiny_config(Arch.QWEN3_MOE, FloatType.Q40)
+    h = header_bytes(c, tuple(range(22)))
+    assert len(h) == 8 + 22 * 8
+    parsed, size = parse_header(h)
+    assert size == len(h) and parsed == c
+
+
 def test_header_defaults_for_missing_keys():
     pairs = {1: 0x00ABCD00, 2: 64, 3: 96, 4: 1, 5: 4, 9: 160, 10: 128, 13: 0}
     h = struct.pack("<ii", MAGIC, 8 + 8 * len(pairs)) + b"".join(
