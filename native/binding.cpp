@@ -51,7 +51,7 @@ ModelConfig make_config(Arch arch, int dim, int hidden_dim, int n_layers, int n_
                         int vocab_size, int n_experts, int n_active_experts, int moe_hidden_dim, double rope_theta,
                         RopeStyle rope_style, float rope_scaling_factor, float rope_scaling_low_freq_factor,
                         float rope_scaling_high_freq_factor, int rope_scaling_orig_max_seq_len, float norm_eps,
-                        FloatType weight_type) {
+                        FloatType weight_type, int vocab_limit) {
     ModelConfig c;
     c.arch = arch;
     c.dim = dim;
@@ -61,6 +61,7 @@ ModelConfig make_config(Arch arch, int dim, int hidden_dim, int n_layers, int n_
     c.n_kv_heads = n_kv_heads;
     c.head_dim = head_dim;
     c.vocab_size = vocab_size;
+    c.vocab_limit = vocab_limit;
     c.n_experts = n_experts;
     c.n_active_experts = n_active_experts;
     c.moe_hidden_dim = moe_hidden_dim;
@@ -292,7 +293,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("n_experts"), py::arg("n_active_experts"), py::arg("moe_hidden_dim"), py::arg("rope_theta"),
              py::arg("rope_style"), py::arg("rope_scaling_factor"), py::arg("rope_scaling_low_freq_factor"),
              py::arg("rope_scaling_high_freq_factor"), py::arg("rope_scaling_orig_max_seq_len"), py::arg("norm_eps"),
-             py::arg("weight_type"))
+             py::arg("weight_type"), py::arg("vocab_limit") = 0)
         .def_readonly("arch", &ModelConfig::arch)
         .def_readonly("dim", &ModelConfig::dim)
         .def_readonly("hidden_dim", &ModelConfig::hidden_dim)
@@ -301,6 +302,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("n_kv_heads", &ModelConfig::n_kv_heads)
         .def_readonly("head_dim", &ModelConfig::head_dim)
         .def_readonly("vocab_size", &ModelConfig::vocab_size)
+        .def_readonly("vocab_limit", &ModelConfig::vocab_limit)
         .def_readonly("n_experts", &ModelConfig::n_experts)
         .def_readonly("n_active_experts", &ModelConfig::n_active_experts)
         .def_readonly("moe_hidden_dim", &ModelConfig::moe_hidden_dim)

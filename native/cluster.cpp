@@ -27,6 +27,10 @@ TopK top_k(const float* logits, int n, int id_offset, float temperature) {
     // as the Python sampler computes it for one node)
     const float t = temperature > 0 ? temperature : 1.0f;
     const float top = logits[order[0]] / t;
+    if (top == -INFINITY) {  // a slice of padding rows only (vocab_limit): it adds nothing
+        out.log_norm = -INFINITY;
+        return out;
+    }
     double sum = 0;
     for (int i = 0; i < n; i++) sum += std::exp(logits[i] / t - top);
     out.log_norm = top + (float)std::log(sum);

@@ -29,6 +29,7 @@ Transformer::Transformer(const ModelConfig& c, const SlicePlan& p, int n_threads
     require(c.dim > 0 && c.n_layers > 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.head_dim > 0 &&
                 c.vocab_size > 0,
             "model dimensions must be positive");
+    require(c.vocab_limit >= 0 && c.vocab_limit <= c.vocab_size, "vocab_limit must be within 0..vocab_size");
     require(c.n_heads % c.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
     require(c.head_dim % 2 == 0, "head_dim must be even for RoPE");
     require(c.rope_style == RopeStyle::Interleaved || c.rope_style == RopeStyle::RotateHalf, "unknown rope style");
@@ -301,6 +302,11 @@ void Transformer::forward_chunk(int n, const std::vector<int>& out_rows, float* 
     const void* in = matmul_input(final_.data(), finalq_.data(), outs, c.dim);
     MatmulJob job{&weights_.lm_head, logits, in, outs};
     run_matmuls(&job, 1);
+    // padding rows past the tokenizer's vocabulary: never a candidate
+    const int vocab = plan_.vocab(), first_padding = std::max(0, c.vocab_limit - plan_.vocab_begin);
+    if (c.vocab_limit > 0 && first_padding < vocab)
+        for (int o = 0; o < outs; o++)
+            std::fill(logits + (size_t)o * vocab + first_padding, logits + (size_t)(o + 1) * vocab, -INFINITY);
 }
 
 void Transformer::attention(int l, int n) {

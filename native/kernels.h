@@ -5,7 +5,8 @@
 // Rounding rules every implementation follows bit for bit (tests compare them exactly):
 //   quantize_row_q80: amax = max|x|, d = amax / 127, id = d ? 1/d : 0,
 //                     q = nearest-even(x * id)          (nearbyintf / _mm256_round_ps / vcvtnq)
-//   quantize_row_q40: m = element of largest magnitude (with its sign), d = m / -8,
+//   quantize_row_q40: m = element of largest magnitude (with its sign; +m when both +m and
+//                     -m occur, as Distributed Llama's converter), d = m / -8,
 //                     id = d ? 1/d : 0, q = min(15, (int)(x * id + 8.5f))
 //   the stored scale is fp32_to_fp16(d) in both.
 #pragma once

@@ -75,15 +75,20 @@ void quantize_row_q40_avx2(const float* x, BlockQ40* y, int n) {
         const __m256 a0 = _mm256_andnot_ps(sign, v0), a1 = _mm256_andnot_ps(sign, v1);
         const __m256 a2 = _mm256_andnot_ps(sign, v2), a3 = _mm256_andnot_ps(sign, v3);
         const float amax = hmax_f32x8(_mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3)));
-        // m = the first element of largest magnitude, +0 for an all-zero block (as generic)
+        // m = the element of largest magnitude, +amax when both signs occur, +0 for an all-zero
+        // block (as generic)
         float m = 0.0f;
         if (amax > 0.0f) {
             const __m256 t = _mm256_set1_ps(amax);
-            const uint32_t hits = uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a0, t, _CMP_EQ_OQ))) |
-                                  uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a1, t, _CMP_EQ_OQ))) << 8 |
-                                  uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a2, t, _CMP_EQ_OQ))) << 16 |
-                                  uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a3, t, _CMP_EQ_OQ))) << 24;
-            if (hits != 0) m = xb[__builtin_ctz(hits)];  // no hit only with a nan in the block
+            const int hits = _mm256_movemask_ps(_mm256_cmp_ps(a0, t, _CMP_EQ_OQ)) |
+                             _mm256_movemask_ps(_mm256_cmp_ps(a1, t, _CMP_EQ_OQ)) |
+                             _mm256_movemask_ps(_mm256_cmp_ps(a2, t, _CMP_EQ_OQ)) |
+                             _mm256_movemask_ps(_mm256_cmp_ps(a3, t, _CMP_EQ_OQ));
+            const int positive = _mm256_movemask_ps(_mm256_cmp_ps(v0, t, _CMP_EQ_OQ)) |
+                                 _mm256_movemask_ps(_mm256_cmp_ps(v1, t, _CMP_EQ_OQ)) |
+                                 _mm256_movemask_ps(_mm256_cmp_ps(v2, t, _CMP_EQ_OQ)) |
+                                 _mm256_movemask_ps(_mm256_cmp_ps(v3, t, _CMP_EQ_OQ));
+            if (hits != 0) m = positive != 0 ? amax : -amax;  // no hit only with a nan in the block
         }
         const float d = m / -8.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;

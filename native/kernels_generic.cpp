@@ -26,8 +26,8 @@ static void quantize_row_q80_generic(const float* x, BlockQ80* y, int n) {
     }
 }
 
-// m = the first element of largest magnitude (+0 when the block is all zeros), d = m / -8,
-// q = min(15, trunc(x / d + 8.5)); byte j = q[j] | q[j + 16] << 4
+// m = the element of largest magnitude, the positive one when both signs occur (+0 when the
+// block is all zeros), d = m / -8, q = min(15, trunc(x / d + 8.5)); byte j = q[j] | q[j + 16] << 4
 static void quantize_row_q40_generic(const float* x, BlockQ40* y, int n) {
     const int nb = n / kBlockSize;
     for (int i = 0; i < nb; i++) {
@@ -36,7 +36,7 @@ static void quantize_row_q40_generic(const float* x, BlockQ40* y, int n) {
         float m = 0.0f;
         for (int j = 0; j < kBlockSize; j++) {
             const float a = std::fabs(xb[j]);
-            if (amax < a) {
+            if (amax < a || (amax == a && xb[j] > 0.0f)) {
                 amax = a;
                 m = xb[j];
             }

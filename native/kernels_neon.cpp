@@ -72,14 +72,16 @@ void quantize_row_q40_neon(const float* x, BlockQ40* y, int n) {
         float32x4_t a = vabsq_f32(v[0]);
         for (int k = 1; k < 8; k++) a = vmaxq_f32(a, vabsq_f32(v[k]));
         const float amax = vmaxvq_f32(a);
-        // m = the first element of largest magnitude, +0 for an all-zero block (as generic)
+        // m = the element of largest magnitude, +amax when both signs occur, +0 for an all-zero
+        // block (as generic)
         float m = 0.0f;
         if (amax > 0.0f) {
             for (int j = 0; j < kBlockSize; j++) {
-                if (__builtin_fabsf(xb[j]) == amax) {
-                    m = xb[j];
+                if (xb[j] == amax) {
+                    m = amax;
                     break;
                 }
+                if (xb[j] == -amax) m = -amax;
             }
         }
         const float d = m / -8.0f;

@@ -23,6 +23,9 @@ struct ModelConfig {
     int n_active_experts = 0;
     int moe_hidden_dim = 0;
     int vocab_size = 0;
+    // The tokenizer's vocabulary when the LM head has padding rows past it (0: none): those rows'
+    // logits are -inf on every node, so no output (logits, top-k, argmax) ever offers them.
+    int vocab_limit = 0;
     double rope_theta = 10000;
     RopeStyle rope_style = RopeStyle::Interleaved;
     RopeTable::Scaling rope_scaling;

@@ -20,13 +20,12 @@ def _fp16_bytes(d: np.ndarray) -> np.ndarray:
 
 
 def quantize_q40_numpy(x: np.ndarray) -> np.ndarray:
-    """m = first element of largest magnitude (+0 for a zero block), d = m / -8,
-    q = min(15, trunc(x / d + 8.5)) in float32; byte j = q[j] | q[j + 16] << 4."""
+    """m = element of largest magnitude, the positive one when both signs occur (+0 for a zero
+    block), d = m / -8, q = min(15, trunc(x / d + 8.5)) in float32; byte j = q[j] | q[j + 16] << 4."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     blocks = x.reshape(-1, QK)
-    rows = np.arange(len(blocks))
-    first = np.argmax(np.abs(blocks), axis=1)  # argmax returns the first maximum
-    m = blocks[rows, first]
+    top, bottom = blocks.max(axis=1), blocks.min(axis=1)
+    m = np.where(-bottom > top, bottom, top)
     m = np.where(np.abs(m) > 0, m, np.float32(0)).astype(np.float32)
     d = (m / np.float32(-8)).astype(np.float32)
     q = (blocks * _inverse(d)[:, None] + np.float32(8.5)).astype(np.int32)  # truncates toward 0

@@ -49,11 +49,11 @@ def tree(tmp_path_factory):
     return tmp, src, node
 
 
-def play(tree, playbook, *args):
-    """{task name: [results]} of one ansible-playbook run on r1."""
+def play(tree, playbook, *args, **env):
+    """{task name: [results]} of one ansible-playbook run on r1 (env: more environment variables)."""
     tmp, _, _ = tree
     proc = run(tool("ansible-playbook"), "-i", str(tmp / "hosts.yml"), playbook, *args,
-               ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json")
+               ANSIBLE_STDOUT_CALLBACK="ansible.posix.json", ANSIBLE_CALLBACKS_ENABLED="ansible.posix.json", **env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
     results = {}
     for each in json.loads(proc.stdout)["plays"]:
@@ -201,3 +201,45 @@ def test_a_new_model_checksum_fetches_the_new_model(downloads):
     assert ran(new_model, FETCH)
     assert sha256(node / "model.m") == sha256(served / "model.m")
     assert (node / "model.m.sha256").read_text() == f"{sha256(served / 'model.m')}  model.m\n"
+
+
+# -- a named model: `dllama download` on the controller, from a hub on loopback -------------------
+
+NAMED = "model : Download the named model on the controller"
+
+
+@pytest.fixture(scope="module")
+def named(tree, tmp_path_factory):
+    """The role run twice with dllama_model: the first downloads on the controller and copies, the
+    second changes nothing."""
+    from local_hub import Hub, small_model_bytes, small_tokenizer_bytes
+
+    tmp, _, _ = tree
+    hub = Hub()
+    hub.model, hub.tokenizer = small_model_bytes(tmp_path_factory.mktemp("m")), small_tokenizer_bytes()
+    hub.add_model("qwen3_0.6b_q40", hub.model, hub.tokenizer)
+    server, url = hub.serve()
+    node = tmp / "named-node"
+    try:
+        def once():
+            return play(tree, str(tmp / "model.yml"), "-e", json.dumps({
+                "dllama_model": "qwen3_0.6b_q40", "dllama_model_download_dir": str(tmp / "controller-models"),
+                "dllama_model_path": str(node / "model.m"), "dllama_tokenizer_path": str(node / "tok")}),
+                DLLAMA_DOWNLOAD_BASE_URL=url)
+
+        first, second = once(), once()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return hub, node, first, second
+
+
+def test_a_named_model_is_downloaded_on_the_controller_and_copied(named, tree):
+    hub, node, first, second = named
+    assert ran(first, NAMED) and NAMED in changed(first)
+    assert (node / "model.m").read_bytes() == hub.model
+    assert (node / "tok" / "dllama_tokenizer_qwen3_0.6b_q40.t").read_bytes() == hub.tokenizer
+    assert changed(second) == []
+    from dllama.tokenizer import Tokenizer
+
+    assert Tokenizer.load(node / "tok").eos_ids >= {257}  # dllama-api's --tokenizer: the directory

@@ -14,7 +14,7 @@ from cluster_helpers import WorkerProcess
 from greedy_reference import greedy
 
 from dllama import Engine, launch
-from dllama.cli import Conversation
+from dllama.cli import CHAT_STEPS, Conversation
 from dllama.engine import Entry
 from dllama.testing import qwen3_tokenizer_dir as tokenizer_dir
 from dllama.testing.checkpoint import make_model_file
@@ -253,6 +253,15 @@ def test_chat_replies_with_the_greedy_continuations(model, tok, engine) -> None:
     first, second = expected_replies(engine, tok, ["hello", "안녕?"], 8)
     assert first and second
     assert proc.stdout == f"\n> {first}\n\n> {second}\n\n> "  # input()'s prompts, each reply on its line
+
+
+def test_chat_cuts_a_reply_at_steps_and_says_so(model, tok, engine) -> None:
+    engine.reset()
+    reply = greedy(engine, render(tok, [{"role": "user", "content": "hello"}]), 3, eos=tok.eos_ids)
+    proc = chat(model, "hello\n", "--steps", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert ("dllama: the reply was cut at 3 tokens (--steps)" in proc.stderr) == (len(reply) == 3)
+    assert f"(default: {CHAT_STEPS})" in " ".join(dllama_cmd("chat", "--help").stdout.split())
 
 
 def test_chat_clear_and_eof(model, tok, engine) -> None:

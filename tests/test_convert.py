@@ -57,8 +57,9 @@ def source_tensors(hf_dir) -> dict[str, np.ndarray]:
 
 
 def read_header_pairs(path) -> dict[int, int]:
-    data = path.read_bytes()[:184]
-    return dict(struct.unpack_from("<ii", data, 8 + 8 * i) for i in range(22))
+    data = path.read_bytes()[:4096]
+    n = (struct.unpack_from("<i", data, 4)[0] - 8) // 8
+    return dict(struct.unpack_from("<ii", data, 8 + 8 * i) for i in range(n))
 
 
 def expected_m_tensor(src: dict[str, np.ndarray], name: str, arch: Arch, n_heads: int,
@@ -111,9 +112,9 @@ def test_header_qwen3_moe(tmp_path):
     v = read_header_pairs(out)
     assert v[0] == 0 and v[1] == 0x00ABCD02 and v[2] == 64 and v[3] == 128 and v[4] == 2
     assert v[5] == 4 and v[6] == 2 and v[7] == 8 and v[8] == 2 and v[9] == 151936 and v[10] == 4096
-    assert v[11] == 1 and v[12] == 1000000 and v[13] == 2 and v[18] == int(RopeType.FALCON)
+    assert v[11] == 1 and v[12] == 1000000 and v[13] == 2
     assert v[19] == 32 and v[20] == 6 and v[21] == 32
-    assert v[14] == v[15] == v[16] == v[17] == 0
+    assert not {14, 15, 16, 17, 18} & set(v)  # no rope scaling: no keys, as its converter
 
 
 def test_header_llama_rope_scaling(tmp_path):
@@ -449,6 +450,45 @@ def test_output_size_is_exact(tmp_path, moe_f32):
     out = convert(moe_f32, tmp_path / "m.m", weights="q40", progress=False)
     with ModelFile.open(out) as mf:
         c = mf.config
-        assert out.stat().st_size == 184 + sum(t.nbytes for t in tensor_layout(c))
+        assert mf.header_size == 8 + 8 * 17  # every key but the 5 of rope scaling
+        assert out.stat().st_size == mf.header_size + sum(t.nbytes for t in tensor_layout(c))
         assert mf.tensors["lm_head"].nbytes == 151936 * 2 * 18
         assert math.prod(mf.array("embed_tokens").shape) == 151936 * 64
+
+
+# -- byte for byte what Distributed Llama's converter writes -----------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,dtype,opts,weights", [
+    ("qwen3_moe", "f32", {}, "q40"), ("qwen3_moe", "bf16", {}, "q40"), ("qwen3_moe", "bf16", {}, "f32"),
+    ("qwen3", "bf16", {"tie": True}, "q40"), ("qwen3", "f32", {}, "f32"),
+    ("llama", "f32", {"rope_scaling": True}, "q40"), ("llama", "bf16", {}, "q40"),
+])
+def test_output_equals_distributed_llama_converter(tmp_path, arch, dtype, opts, weights):
+    """Header keys (only those its converter writes, in its order) and every tensor byte."""
+    dl_converter = pytest.importorskip("dl_converter")
+    hf = make_checkpoint(tmp_path / "hf", arch=arch, dtype=dtype, seed=3, layers=1, tokenizer=False, **opts)
+    ours = convert(hf, tmp_path / "m.m", weights=weights, progress=False).read_bytes()
+    theirs = dl_converter.convert(hf, {"q40": 2, "f32": 0}[weights])
+    hsize = struct.unpack_from("<i", theirs, 4)[0]
+    assert ours[:hsize] == theirs[:hsize], (read_header_pairs(tmp_path / "m.m"), theirs[:hsize].hex())
+    assert len(ours) == len(theirs)
+    assert ours == theirs
+    with ModelFile.open(tmp_path / "m.m") as mf:  # and we read what we write
+        assert mf.header_size == hsize
+
+
+def test_header_keys_follow_distributed_llama(tmp_path):
+    """No rope-scaling keys without rope scaling (a factor of 0 there breaks its Llama 3 RoPE),
+    no MOE_HIDDEN_DIM for a dense model, none of the keys config.json leaves out."""
+    hf = make_checkpoint(tmp_path / "hf", arch="llama", tokenizer=False)
+    cfg = json.loads((hf / "config.json").read_text())
+    del cfg["head_dim"]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    out = convert(hf, tmp_path / "m.m", weights="f32", progress=False)
+    data = out.read_bytes()
+    n = (struct.unpack_from("<i", data, 4)[0] - 8) // 8
+    keys = [struct.unpack_from("<i", data, 8 + 8 * i)[0] for i in range(n)]
+    assert keys == [0, 1, 11, 2, 3, 4, 5, 6, 13, 10, 9, 7, 8, 12, 20]
+    with ModelFile.open(out) as mf:
+        assert mf.config.head_dim == 16 and mf.config.rope_type == RopeType.LLAMA

@@ -130,6 +130,8 @@ REFUSED = {
     "no sequence": (_set("max_sequences", 0), "max_sequences 0 is out of range (1..256)"),
     "a KV cache type the core has not": (_set("kv_cache_type", "q40"), "kv_cache_type 'q40' is not one of f32, f16"),
     "sequences as text": (_set("max_sequences", "4"), "malformed session config (TypeError"),
+    "a vocab limit past the vocabulary": (_set("vocab_limit", 10**6), "vocab_limit 1000000 is out of range (0..151936)"),
+    "a negative vocab limit": (_set("vocab_limit", -1), "vocab_limit -1 is out of range (0..151936)"),
 }
 
 
@@ -448,8 +450,8 @@ N_EXPERTS_KEY = 7
 
 def _set_header_value(path: Path, key: int, value: int) -> None:
     with open(path, "r+b") as f:
-        head = f.read(184)
-        for i in range(22):
+        head = f.read(4096)
+        for i in range((struct.unpack_from("<i", head, 4)[0] - 8) // 8):
             if struct.unpack_from("<i", head, 8 + 8 * i)[0] == key:
                 f.seek(8 + 8 * i + 4)
                 f.write(struct.pack("<i", value))

@@ -15,6 +15,7 @@ from dllama.model_file import (
     ModelWriter,
     expected_file_size,
     header_bytes,
+    header_keys,
     parse_header,
     tensor_layout,
 )
@@ -95,17 +96,29 @@ def test_layout_dense_llama_has_no_qk_norm():
                            "layers.0.input_layernorm", "layers.0.post_attention_layernorm"]
 
 
-def test_header_bytes_all_keys_in_order():
+def test_header_bytes_keys_in_distributed_llama_order():
+    """Its converter's order; no rope scaling keys without llama3 scaling (a factor of 0 there
+    breaks its RoPE), ROPE_TYPE only when not the default."""
     c = tiny_config(Arch.QWEN3_MOE, FloatType.Q40)
     h = header_bytes(c)
     magic, size = struct.unpack_from("<ii", h)
-    assert magic == MAGIC == 0x0A00ABCD and size == len(h) == 8 + 22 * 8
-    pairs = [struct.unpack_from("<ii", h, 8 + 8 * i) for i in range(22)]
-    assert [k for k, _ in pairs] == list(range(22))
+    assert magic == MAGIC == 0x0A00ABCD and size == len(h) == 8 + 18 * 8
+    pairs = [struct.unpack_from("<ii", h, 8 + 8 * i) for i in range(18)]
+    assert [k for k, _ in pairs] == [0, 1, 11, 2, 3, 4, 5, 6, 13, 10, 9, 7, 8, 12, 18, 19, 20, 21]
     v = dict(pairs)
     assert v[1] == 0x00ABCD02 and v[2] == 64 and v[7] == 4 and v[13] == 2 and v[19] == 32
     assert v[20] == 6 and v[21] == 32 and v[18] == 1 and v[11] == 1
     assert parse_header(h)[0] == c
+
+
+def test_a_header_with_every_key_as_we_wrote_them_before_still_reads():
+    """Files written before the header followed Distributed Llama's converter: all 22 keys, in key
+    order, unused ones 0."""
+    c = tiny_config(Arch.QWEN3_MOE, FloatType.Q40)
+    h = header_bytes(c, tuple(range(22)))
+    assert len(h) == 8 + 22 * 8
+    parsed, size = parse_header(h)
+    assert size == len(h) and parsed == c
 
 
 def test_header_defaults_for_missing_keys():
@@ -135,7 +148,7 @@ def test_round_trip_f32(tmp_path, arch):
             np.testing.assert_array_equal(got, want)
             assert bytes(mf.tensor_bytes(name)) == want.astype("<f4").tobytes()
         first = mf.tensors["embed_tokens"]
-        assert first.offset == mf.header_size == 184
+        assert first.offset == mf.header_size == 8 + 8 * len(header_keys(c))
 
 
 def test_round_trip_q40(tmp_path, arch):
@@ -240,8 +253,8 @@ def patch(path, offset: int, fmt: str, *values) -> None:
 
 
 def key_offset(path, key: int) -> int:
-    h = path.read_bytes()[:184]
-    for i in range(22):
+    h = path.read_bytes()[:4096]
+    for i in range((struct.unpack_from("<i", h, 4)[0] - 8) // 8):
         if struct.unpack_from("<i", h, 8 + 8 * i)[0] == key:
             return 8 + 8 * i
     raise AssertionError(key)

@@ -351,6 +351,27 @@ def test_a_url_that_does_not_answer_is_a_warning_and_junk_is_a_problem(http_mode
                                   "-o FILE --weights q40`) or fix the path"}
 
 
+def test_a_named_model_is_read_where_dllama_download_left_it_else_from_its_first_part(http_models, tmp_path,
+                                                                                       monkeypatch):
+    from dllama import download
+
+    path = download.paths(tmp_path / "dl", "qwen3_14b_q40")[0]
+    path.parent.mkdir(parents=True)
+    write_model(path, DENSE)
+    assert rules.named_model("qwen3-14b-q40", str(tmp_path / "dl")) == {"src": str(path)}
+    monkeypatch.setenv(download.BASE_URL_ENV, http_models)
+    named = rules.named_model("qwen3_14b_q40", str(tmp_path / "elsewhere"))
+    repo = download.MODELS["qwen3_14b_q40"].repo
+    assert named == {"url": f"{http_models}/{repo}/resolve/main/dllama_model_qwen3_14b_q40_aa", "parts": 2}
+    # a first part: the header, but not the whole model's size
+    part = tmp_path / "dllama_model_qwen3_14b_q40_aa"
+    part.write_bytes(path.read_bytes()[:1000])
+    model = rules.read_model("", named["url"], whole=False)
+    assert model["header"].config == DENSE and model["header"].file_size == path.stat().st_size
+    assert rules.named_model("qwen9", "x") == {"problem": "dllama_model: unknown model 'qwen9'; `dllama download "
+                                                          f"--list` shows the {len(download.MODELS)} known ones"}
+
+
 def test_footprint_and_the_rules_need_no_numpy(tmp_path):
     """The operator's controller has only Ansible: the plugin imports engine/ from the repository."""
     path = write_model(tmp_path / "dense.m", DENSE)

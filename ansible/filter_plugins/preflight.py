@@ -28,6 +28,9 @@ PREFIX_RANGE = (8, 30)
 SUPPORTED_RELEASES = {"12": "bookworm", "13": "trixie"}
 SUPPORTED_TEXT = "Debian / Raspberry Pi OS 12 (bookworm) and 13 (trixie)"
 SUPPORTED_DISTRIBUTIONS = ("Debian", "Raspbian")
+# Where dllama_model is downloaded on this controller unless dllama_model_download_dir says (the
+# model role's model_download_dir default).
+DOWNLOAD_DIR = "~/.cache/dllama-cluster/models"
 # The kinds `make wheelhouse` builds when roles/engine/vars/main.yml cannot be read.
 DEFAULT_WHEEL_KINDS = ("x86_64-cp311", "x86_64-cp313", "aarch64-cp311", "aarch64-cp313")
 URL_TIMEOUT = 15  # seconds for the HTTP Range request of a model's header
@@ -357,8 +360,28 @@ def fetch_header(url: str, nbytes: int, timeout: float = URL_TIMEOUT) -> tuple[b
     return data, total
 
 
-def read_model(src: str, url: str) -> dict:
-    """The model's header from dllama_model_src on this controller, or from dllama_model_url.
+def named_model(name: str, download_dir: str) -> dict:
+    """dllama_model NAME (`dllama download`'s list): {'src': the file it left in download_dir on
+    this controller} if there, else {'url': its first part on the hub, 'parts': how many}; or
+    {'problem': line} for a name not on the list."""
+    footprint_module()  # engine/ on sys.path
+    from dllama import download  # numpy-free, like footprint
+
+    try:
+        key = download.model_name(name)
+    except download.DownloadError as e:
+        return {"problem": f"dllama_model: {e}"}
+    path = download.paths(os.path.expanduser(download_dir), key)[0]
+    if path.is_file():
+        return {"src": str(path)}
+    model = download.MODELS[key]
+    base = (os.environ.get(download.BASE_URL_ENV) or download.DEFAULT_BASE_URL).rstrip("/")
+    return {"url": f"{base}/{model.repo}/resolve/main/{model.parts[0]}", "parts": len(model.parts)}
+
+
+def read_model(src: str, url: str, whole: bool = True) -> dict:
+    """The model's header from dllama_model_src on this controller, or from dllama_model_url
+    (`whole=False`: the URL is a model's first part, so its size is not the model's).
 
     Returns {'header': ModelHeader, 'name': ...} or {'problem': line} or {'warning': line}."""
     src, url = str(src or "").strip(), str(url or "").strip()
@@ -387,7 +410,7 @@ def read_model(src: str, url: str) -> dict:
         return {"warning": f"cannot read the model's header from {url} ({_first_line(e)}): "
                            "memory and disk not checked"}
     try:
-        header = footprint.read_header(head, url, size)
+        header = footprint.read_header(head, url, size if whole else None)
     except ValueError as e:
         return {"problem": f"dllama_model_url: {e}"}
     # A server that does not say the file's size: the header's layout gives it.
@@ -476,14 +499,20 @@ def preflight_report(nodes, groups, repo_dir=None) -> dict:
     if len(roots) == 1:
         root = roots[0]
         src, url = str(root.get("model_src") or ""), str(root.get("model_url") or "")
-        if not src and not url:
+        named = named_model(str(root["model_name"]), str(root.get("model_download_dir") or DOWNLOAD_DIR)) \
+            if root.get("model_name") else {}
+        if named:  # it wins over dllama_model_src / _url, as in the model role
+            src, url = named.get("src", ""), named.get("url", "")
+        if "problem" in named:
+            problems.append(f"{root['name']}: {named['problem']}")
+        elif not src and not url:
             problems.append(f"{root['name']}: no model: set dllama_model_src (a .m file on this controller) "
                             "or dllama_model_url (with dllama_model_checksum)")
         elif src and url:
             problems.append(f"{root['name']}: both dllama_model_src and dllama_model_url are set: "
                             'set the one the model comes from, the other to ""')
         else:
-            model = read_model(src, url)
+            model = read_model(src, url, whole=named.get("parts", 1) == 1)
             if "problem" in model:
                 problems.append(f"{root['name']}: {model['problem']}")
             if "warning" in model:

@@ -1,4 +1,5 @@
-"""The `dllama` command: inference, chat, convert, worker; flags as in Distributed Llama.
+"""The `dllama` command: inference, chat, convert, convert-tokenizer, download, worker; flags as
+in Distributed Llama.
 
     dllama inference --model m.m --tokenizer tok/ --prompt "Hello" --steps 64 --buffer-float-type q80
     dllama chat --model m.m --tokenizer tok/ --system-prompt "You are terse."
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 PROG = "dllama"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# Tokens a chat reply may take unless --steps says otherwise: a model that never ends its turn
+# stops there instead of filling the context (a Qwen3 answer with its thinking fits).
+CHAT_STEPS = 2048
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +68,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="maximum number of generated tokens (default: until the context is full)")
+                   help="maximum number of generated tokens, the prompt not counted (Distributed Llama counts "
+                        "prompt plus generated tokens) (default: until the context is full)")
     p.set_defaults(run=run_inference)
 
     p = sub.add_parser(
@@ -74,8 +79,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None, help="the system message of the conversation")
     p.add_argument("--enable-thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="Qwen3 thinking mode (default: the template's default)")
-    p.add_argument("--steps", type=positive_int, default=None,
-                   help="maximum tokens per reply (default: until the context is full)")
+    p.add_argument("--steps", type=positive_int, default=CHAT_STEPS,
+                   help="maximum generated tokens per reply, the prompt not counted; a reply that reaches it "
+                        f"is cut there (default: {CHAT_STEPS})")
     p.set_defaults(run=run_chat)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a .m model file",
@@ -83,6 +89,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     if _command(argv) == "convert":
         _mount_convert(p)
     p.set_defaults(run=p.get_default("run") or _convert_unavailable)
+
+    for command, module, summary, description in (
+        ("convert-tokenizer", "dl_tokenizer", "write a Distributed Llama .t tokenizer",
+         "Write the .t tokenizer file Distributed Llama's converter writes for a Hugging Face model directory, "
+         "byte for byte."),
+        ("download", "download", "download a model Distributed Llama's launch.py offers",
+         "Download a model of Distributed Llama's list (resumable, verified) and print the command that runs it."),
+    ):
+        p = sub.add_parser(command, parents=[debug], help=summary, description=description)
+        p.set_defaults(run=_run_module(module))
+        if _command(argv) == command:  # its flags: imported only when it is the command
+            _import(module).add_arguments(p)
 
     p = sub.add_parser("worker", parents=[debug], help="serve as a worker node of a cluster")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
@@ -149,7 +167,7 @@ def _chat(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engi
 
     out = _stdout()
     conversation = Conversation(engine, tokenizer, args.system_prompt, args.enable_thinking)
-    steps = args.steps if args.steps is not None else engine.max_seq_len
+    steps = args.steps
     print("Type a message; /clear forgets the conversation, /exit (or Ctrl-D) ends.", file=sys.stderr)
     while True:
         try:
@@ -179,7 +197,9 @@ def _chat(args: argparse.Namespace, sampler: Sampler, tokenizer: Tokenizer, engi
         out.write(decoder.flush() + "\n")
         out.flush()
         conversation.answer(new_ids + result.tokens, decoder.text)
-        if result.finish_reason == "length" and engine.position >= engine.max_seq_len:
+        if result.finish_reason == "length" and len(result.tokens) >= steps:
+            print(f"{PROG}: the reply was cut at {steps} tokens (--steps)", file=sys.stderr)
+        elif result.finish_reason == "length" and engine.position >= engine.max_seq_len:
             print(f"{PROG}: the context is full ({engine.max_seq_len} tokens); older turns will be dropped",
                   file=sys.stderr)
 
@@ -245,6 +265,17 @@ def run_worker(args: argparse.Namespace) -> int:
     return worker.run(args)
 
 
+def _import(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(f"dllama.{name}")
+
+
+def _run_module(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command whose flags and code live in dllama.NAME (imported when it runs)."""
+    return lambda args: int(_import(name).run(args))
+
+
 def _convert_unavailable(args: argparse.Namespace) -> int:
     raise launch.LaunchError("dllama convert is not available in this build")
 
@@ -271,7 +302,7 @@ def _mount_convert(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> tuple[Tokenizer, Engine]:
     launch.note_ignored_flags(PROG, args)
     model, tokenizer = launch.load_tokenizer(args)
-    engine = launch.open_engine(args, model)
+    engine = launch.open_engine(args, model, vocab_limit=tokenizer.vocab_size)
     try:
         launch.check_vocab(tokenizer, engine.config.vocab_size)
         launch.announce(PROG, engine, args)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .config import Arch, FloatType, HiddenAct, ModelConfig, RopeType
-from .model_file import ModelFileError, ModelWriter, tensor_layout
+from .model_file import ModelFileError, ModelWriter, header_keys, tensor_layout
 
 ARCHS = {"qwen3_moe": Arch.QWEN3_MOE, "qwen3": Arch.QWEN3, "llama": Arch.LLAMA}
 WEIGHT_TYPES = {"q40": FloatType.Q40, "f32": FloatType.F32}
@@ -109,7 +109,9 @@ def _rope(hf: dict[str, Any], model_type: str) -> tuple[int, RopeType, dict[str,
         if kind != "default":
             raise ConvertError(f"config.json rope scaling type {kind!r} is not supported for "
                                f"{model_type} (only unscaled RoPE)")
-        rope_type = RopeType.FALCON
+        # Distributed Llama's converter writes no ROPE_TYPE without rope scaling, so the file says
+        # the default (LLAMA); Qwen3 rotates halves whatever it says (effective_rope_type).
+        rope_type = RopeType.LLAMA
     return int(theta), rope_type, fields
 
 
@@ -184,6 +186,8 @@ def config_from_hf(hf: dict[str, Any], weights: str | FloatType = "q40") -> Mode
                                f"1..{kw['n_experts']}")
     else:
         kw["hidden_dim"] = int(_field(hf, "intermediate_size"))
+        # unused by a dense model, but Distributed Llama's converter writes it when present
+        kw["moe_hidden_dim"] = int(_field(hf, "moe_intermediate_size", default=0))
 
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
         if kw[name] <= 0:
@@ -207,6 +211,20 @@ def config_from_hf(hf: dict[str, Any], weights: str | FloatType = "q40") -> Mode
         return ModelConfig(**kw)
     except ValueError as e:
         raise ConvertError(f"config.json: {e}") from None
+
+
+def absent_header_keys(hf: dict[str, Any]) -> tuple[int, ...]:
+    """The optional .m header keys whose config.json field is missing (or null): Distributed
+    Llama's converter leaves those keys out, so we do too (model_file.header_keys)."""
+    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    sources = {12: hf.get("rope_theta", params.get("rope_theta")), 19: hf.get("head_dim"),
+               20: hf.get("rms_norm_eps"), 21: hf.get("moe_intermediate_size")}
+    return tuple(k for k, v in sources.items() if v is None)
+
+
+def hf_header_keys(hf: dict[str, Any], config: ModelConfig) -> tuple[int, ...]:
+    """The header keys, in order, Distributed Llama's converter writes for this config.json."""
+    return header_keys(config, absent_header_keys(hf))
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,7 +455,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, weights: str
     try:
         from .progress import byte_bar
 
-        writer = ModelWriter(out_path, config)
+        writer = ModelWriter(out_path, config, hf_header_keys(hf, config))
         with writer, byte_bar(writer.size, f"convert {out_path.name}", enabled=progress) as bar:
             bar.update(writer.bytes_written)
             for spec, src in _sources(ckpt, config, hf):

@@ -59,7 +59,9 @@ class Engine:
 
     With workers: `progress` draws the weight transfer's bar when stderr is a terminal (never
     otherwise); `data_mac=False` leaves the data plane's messages untagged (the benchmark's
-    baseline: the handshake and the control plane are authenticated either way)."""
+    baseline: the handshake and the control plane are authenticated either way). `vocab_limit`: the
+    tokenizer's vocabulary when the model's LM head has padding rows past it (Qwen3: 151669 of
+    151936); every node gives those rows -inf logits, so neither greedy nor sampling picks them."""
 
     def __init__(
         self,
@@ -75,6 +77,7 @@ class Engine:
         cluster_key_file: str | os.PathLike | None = None,
         progress: bool = True,
         data_mac: bool = True,
+        vocab_limit: int | None = None,
     ) -> None:
         if not isinstance(nthreads, int) or isinstance(nthreads, bool) or not 1 <= nthreads <= 1024:
             raise ValueError(f"nthreads must be an integer between 1 and 1024, got {nthreads!r}")
@@ -104,10 +107,12 @@ class Engine:
             self.kv_cache_type = kv_cache_type
             self.max_sequences = max_sequences
             self.max_seq_len = min(max_seq_len or self.config.seq_len, self.config.seq_len)
+            # the tokenizer's vocabulary when smaller than the model's (0: every id is a token)
+            self.vocab_limit = vocab_limit if vocab_limit and vocab_limit < self.config.vocab_size else 0
             self.slices = plan_slices(self.config, [1.0] + [a.weight for a in addresses])
             if addresses:
                 self._connect(self.slices, addresses, cluster_key_file, max_batch, progress, data_mac)
-            self._core = _core.Transformer(native_config(self.config), native_plan(self.slices[0]), nthreads=nthreads,
+            self._core = _core.Transformer(native_config(self.config, self.vocab_limit), native_plan(self.slices[0]), nthreads=nthreads,
                                            max_seq_len=self.max_seq_len, max_batch=max_batch,
                                            max_sequences=max_sequences, kv_cache_type=KV_CACHE_TYPES[kv_cache_type])
             self._bind_weights(self.slices[0])
@@ -131,7 +136,8 @@ class Engine:
         cluster = connect_workers(
             self._file, slices, addresses, key=key, q80=self.buffer_float_type == "q80",
             max_seq_len=self.max_seq_len, max_batch=max_batch, max_sequences=self.max_sequences,
-            kv_cache_type=self.kv_cache_type, data_mac=data_mac, progress=progress)
+            kv_cache_type=self.kv_cache_type, data_mac=data_mac, progress=progress,
+            vocab_limit=self.vocab_limit)
         self.weights_sent = cluster.weights_sent
         self._mesh = _core.Mesh(0, cluster.fds, cluster.names, STEP_TIMEOUT_MS,
                                 **({"keys": cluster.keys} if data_mac else {}))

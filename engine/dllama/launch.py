@@ -54,7 +54,8 @@ def model_flags() -> argparse.ArgumentParser:
     g = flags.add_argument_group("model")
     g.add_argument("--model", required=True, help="the .m model file")
     g.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or its directory (default: the model file's directory)")
+                   help="tokenizer.json or its directory, or a Distributed Llama .t file (default: the one "
+                        "beside the model file)")
     g.add_argument("--buffer-float-type", choices=("q80", "f32"), default="q80", type=str.lower,
                    help="type of the activations exchanged between nodes (default: q80)")
     g.add_argument("--nthreads", type=positive_int, default=os.cpu_count() or 1,
@@ -131,10 +132,16 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[Path, Tokenizer]:
 
 
 def _default_tokenizer(model: Path) -> Path:
+    """tokenizer.json beside the model, else the Distributed Llama tokenizer `dllama download`
+    (or its launch.py) puts there: dllama_tokenizer_NAME.t for dllama_model_NAME.m, or the only .t."""
     directory = model.resolve().parent
     if (directory / "tokenizer.json").is_file():
         return directory
-    raise LaunchError(f"--tokenizer is required (no tokenizer.json beside {model})")
+    paired = directory / (model.stem.replace("dllama_model_", "dllama_tokenizer_", 1) + ".t")
+    found = [paired] if paired.is_file() else sorted(directory.glob("*.t"))
+    if len(found) == 1:
+        return found[0]
+    raise LaunchError(f"--tokenizer is required (no tokenizer.json or single .t tokenizer beside {model})")
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab: Any) -> None:
@@ -145,9 +152,11 @@ def check_vocab(tokenizer: Tokenizer, model_vocab: Any) -> None:
         )
 
 
-def open_engine(args: argparse.Namespace, model: Path, max_sequences: int = 1) -> Engine:
+def open_engine(args: argparse.Namespace, model: Path, max_sequences: int = 1,
+                vocab_limit: int | None = None) -> Engine:
     """The engine the flags ask for, holding `max_sequences` sequences at once: this node alone,
-    or the root of --workers."""
+    or the root of --workers. `vocab_limit`: the tokenizer's vocabulary (the model's padding rows
+    past it are never sampled)."""
     try:
         from dllama import Engine
     except ImportError as e:
@@ -156,7 +165,8 @@ def open_engine(args: argparse.Namespace, model: Path, max_sequences: int = 1) -
     options: dict[str, Any] = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else {}
     return Engine(str(model), nthreads=args.nthreads, buffer_float_type=args.buffer_float_type,
                   workers=list(args.workers), cluster_key_file=args.cluster_key_file,
-                  max_sequences=max_sequences, kv_cache_type=args.kv_cache_type, **options)
+                  max_sequences=max_sequences, kv_cache_type=args.kv_cache_type, vocab_limit=vocab_limit,
+                  **options)
 
 
 def announce(prog: str, engine: Engine, args: argparse.Namespace) -> None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 MAGIC = 0x0A00ABCD
 OLD_MAGICS = (0x00ABCD00, 0x00ABCD01)
-MAX_HEADER_PAIRS = 256  # a real header has 22 pairs; more than this is a corrupt file
+MAX_HEADER_PAIRS = 256  # a real header has at most 22 pairs; more than this is a corrupt file
 
 # Header keys, in FORMATS.md order: key number -> ModelConfig field.
 HEADER_KEYS: dict[int, str] = {
@@ -83,20 +83,45 @@ class TensorInfo(TensorSpec):
     offset: int
 
 
+# The keys Distributed Llama's converter (converter/convert-hf.py, loadConfig + writeHeader)
+# writes, in its order: the pairs always present, then each optional group it writes only when
+# the checkpoint's config.json has the field. A key left out means the reader's default.
+DL_KEY_ORDER = (0, 1, 11, 2, 3, 4, 5, 6, 13, 10, 9, 7, 8, 12, 14, 15, 16, 17, 18, 19, 20, 21)
+ROPE_SCALING_KEYS = (14, 15, 16, 17, 18)  # its converter writes them only with llama3 rope scaling
+OPTIONAL_KEYS = (12, *ROPE_SCALING_KEYS, 19, 20, 21)
+
+
+def header_keys(config: ModelConfig, absent: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The keys a header for `config` holds, in Distributed Llama's order: no rope scaling keys
+    unless the rope is llama3.1-scaled (no ROPE_TYPE either when it is the default, LLAMA), no
+    MOE_HIDDEN_DIM for a dense model that has none, and none of `absent` (optional keys whose
+    config.json field is missing, as its converter does)."""
+    skip = set(absent)
+    if not skip <= set(OPTIONAL_KEYS):
+        raise ValueError(f"keys {sorted(skip - set(OPTIONAL_KEYS))} are always written")
+    if config.rope_type != RopeType.LLAMA3_1:
+        skip.update(ROPE_SCALING_KEYS[:-1])
+    if config.rope_type == RopeType.LLAMA:
+        skip.add(ROPE_SCALING_KEYS[-1])
+    if not config.moe_hidden_dim:
+        skip.add(21)
+    return tuple(k for k in DL_KEY_ORDER if k not in skip)
+
+
 def header_size(n_pairs: int = len(HEADER_KEYS)) -> int:
     return 8 + 8 * n_pairs
 
 
-def expected_file_size(config: ModelConfig) -> int:
-    """Exact size in bytes of a .m file written for this config (all 22 header keys)."""
-    return header_size() + layout_nbytes(config)
+def expected_file_size(config: ModelConfig, keys: tuple[int, ...] | None = None) -> int:
+    """Exact size in bytes of a .m file written for this config with these header keys."""
+    return header_size(len(header_keys(config) if keys is None else keys)) + layout_nbytes(config)
 
 
-def header_bytes(config: ModelConfig) -> bytes:
-    """The header as we write it: magic, headerSize, then keys 0..21 in key order."""
+def header_bytes(config: ModelConfig, keys: tuple[int, ...] | None = None) -> bytes:
+    """The header as we write it: magic, headerSize, then `keys` (default: header_keys(config))."""
     pairs = []
-    for key, field in HEADER_KEYS.items():
-        value = int(getattr(config, field))
+    for key in header_keys(config) if keys is None else keys:
+        value = int(getattr(config, HEADER_KEYS[key]))
         if not -(2**31) <= value < 2**31:
             raise ModelFileError(f"{KEY_NAMES[key]} = {value} does not fit the header's int32")
         pairs.append((key, value))
@@ -336,15 +361,18 @@ class ModelWriter:
     `.dtype` and row slicing `obj[a:b]` returning float values (read in row chunks, so a
     memory-mapped or generated source is never copied whole). On a clean exit the file is checked
     complete, fsynced and renamed into place; on any exception the temp file is deleted.
+    `keys` are the header keys in file order (default `header_keys(config)`).
     """
 
-    def __init__(self, path: str | os.PathLike, config: ModelConfig):
+    def __init__(self, path: str | os.PathLike, config: ModelConfig,
+                 keys: tuple[int, ...] | None = None):
         self.path = Path(path)
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.config = config
         _check_config(config, str(self.path))
+        self.keys = header_keys(config) if keys is None else keys
         self.layout = tensor_layout(config)
-        self.size = expected_file_size(config)
+        self.size = expected_file_size(config, self.keys)
         self._next = 0
         self._file: Any = None
         self.bytes_written = 0
@@ -352,7 +380,7 @@ class ModelWriter:
     def __enter__(self) -> ModelWriter:
         self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in __exit__
         try:
-            self._put(header_bytes(self.config))
+            self._put(header_bytes(self.config, self.keys))
         except BaseException:
             self._abort()
             raise
@@ -448,6 +476,6 @@ class ModelWriter:
 
 __all__ = [
     "MAGIC", "HEADER_KEYS", "KEY_NAMES", "ModelFileError", "TensorSpec", "TensorInfo",
-    "tensor_layout", "tensor_count", "layout_nbytes", "header_bytes", "parse_header", "expected_file_size", "ModelFile",
+    "tensor_layout", "tensor_count", "layout_nbytes", "header_keys", "header_bytes", "parse_header", "expected_file_size", "ModelFile",
     "ModelWriter", "BLOCK_SIZE",
 ]

@@ -16,9 +16,11 @@ if TYPE_CHECKING:
     from .cluster.slices import TensorSlice
 
 
-def native_config(config: ModelConfig) -> _core.ModelConfig:
+def native_config(config: ModelConfig, vocab_limit: int = 0) -> _core.ModelConfig:
     """The model's shape as the native core takes it: the header's numbers, the rope style the
-    architecture implies, llama3 rope scaling only where the header asks for it."""
+    architecture implies, llama3 rope scaling only where the header asks for it. `vocab_limit`
+    (0: none) is the tokenizer's vocabulary when smaller than the model's: the LM head's padding
+    rows at or above it get -inf logits, so no node ever offers them as candidates."""
     scaled = config.rope_type == RopeType.LLAMA3_1 and config.rope_scaling_factor > 0
     rotate_half = config.effective_rope_type == RopeType.FALCON
     return _core.ModelConfig(
@@ -30,6 +32,7 @@ def native_config(config: ModelConfig) -> _core.ModelConfig:
         n_kv_heads=config.n_kv_heads,
         head_dim=config.head_dim,
         vocab_size=config.vocab_size,
+        vocab_limit=vocab_limit,
         n_experts=config.n_experts,
         n_active_experts=config.n_active_experts,
         moe_hidden_dim=config.moe_hidden_dim,

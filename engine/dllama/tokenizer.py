@@ -87,8 +87,16 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load from a tokenizer.json, its directory, or the tokenizer_config.json beside it."""
+        """Load from a tokenizer.json, its directory, the tokenizer_config.json beside it, or a
+        Distributed Llama .t tokenizer file (dllama.dl_tokenizer)."""
+        from . import dl_tokenizer
+
         path = Path(path)
+        if path.is_dir() and not (path / TOKENIZER_FILE).is_file() and len(found := sorted(path.glob("*.t"))) == 1:
+            path = found[0]  # a directory holding one .t tokenizer (as the model role installs one)
+        if path.is_file() and (path.suffix == ".t" or dl_tokenizer.is_tokenizer_file(path)):
+            tk, tf = dl_tokenizer.load(path)
+            return cls(tk, tf.tokenizer_config(), {"eos_token_id": tf.eos_ids})
         if path.is_dir():
             directory, tokenizer_file = path, path / TOKENIZER_FILE
         elif path.name == CONFIG_FILE:

@@ -289,10 +289,13 @@ void quantize_q80_formula(const float* x, BlockQ80* y, int n) {
 void quantize_q40_formula(const float* x, BlockQ40* y, int n) {
     for (int i = 0; i < n / 32; i++) {
         const float* xb = x + i * 32;
-        int best = -1;
-        for (int j = 0; j < 32; j++)
-            if (std::fabs(xb[j]) > 0.0f && (best < 0 || std::fabs(xb[j]) > std::fabs(xb[best]))) best = j;
-        const float m = best < 0 ? 0.0f : xb[best];
+        // Distributed Llama's converter: m = min if -min > max, else max (a tie takes +max)
+        float top = xb[0], bottom = xb[0];
+        for (int j = 1; j < 32; j++) {
+            top = std::max(top, xb[j]);
+            bottom = std::min(bottom, xb[j]);
+        }
+        const float m = -bottom > top ? bottom : (top != 0.0f ? top : 0.0f);
         const float d = m / -8.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[i].d = fp32_to_fp16(d);

@@ -61,7 +61,7 @@ class Connected:
 
 def connect_workers(model: ModelFile, slices: list[NodeSlice], workers: list[WorkerAddress], *, key: bytes,
                     q80: bool, max_seq_len: int, max_batch: int, max_sequences: int = 1,
-                    kv_cache_type: str = "f32", data_mac: bool = True,
+                    kv_cache_type: str = "f32", data_mac: bool = True, vocab_limit: int = 0,
                     timeout: float = CONNECT_TIMEOUT, progress: bool = True) -> Connected:
     channels: list[Channel] = []
     sent = 0
@@ -72,7 +72,7 @@ def connect_workers(model: ModelFile, slices: list[NodeSlice], workers: list[Wor
             tensors = list(node_tensors(model, slices[i]))
             session = Session(model.config, slices[i], i, len(slices), q80, max_seq_len, max_batch, model_hash,
                               [(t.name, int(t.type), t.rows, t.cols) for t in tensors], data_mac=data_mac,
-                              max_sequences=max_sequences, kv_cache_type=kv_cache_type)
+                              max_sequences=max_sequences, kv_cache_type=kv_cache_type, vocab_limit=vocab_limit)
             ch = Channel(_dial(address, timeout), sender=ROOT, peer=WORKER)
             channels.append(ch)
             reply, data_key = _introduce(ch, address, key, session, timeout)

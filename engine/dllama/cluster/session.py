@@ -35,6 +35,7 @@ class Session:
     data_mac: bool = True  # the root's choice: every data-plane frame carries a MAC
     max_sequences: int = 1  # sequences the KV cache holds (dllama-api --parallel)
     kv_cache_type: str = "f32"
+    vocab_limit: int = 0  # ids at or above are padding rows no node outputs (0: none)
 
     @property
     def sizes(self) -> list[int]:
@@ -66,6 +67,7 @@ class Session:
             "data_mac": self.data_mac,
             "max_sequences": self.max_sequences,
             "kv_cache_type": self.kv_cache_type,
+            "vocab_limit": self.vocab_limit,
         }
 
     @classmethod
@@ -81,7 +83,8 @@ class Session:
             manifest = [_entry(e) for e in _of(d["manifest"], list)]
             session = cls(config, node_slice, _int(d["node"]), _int(d["nodes"]), _of(d["q80"], bool),
                           _int(d["max_seq_len"]), _int(d["max_batch"]), _of(d["model_hash"], str), manifest,
-                          _of(d.get("data_mac", True), bool), _int(d["max_sequences"]), _of(d["kv_cache_type"], str))
+                          _of(d.get("data_mac", True), bool), _int(d["max_sequences"]), _of(d["kv_cache_type"], str),
+                          _int(d.get("vocab_limit", 0)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed session config ({type(e).__name__}: {e})") from None
         try:
@@ -100,6 +103,8 @@ class Session:
             raise ValueError(f"max_sequences {session.max_sequences} is out of range (1..{MAX_SEQUENCES})")
         if session.kv_cache_type not in KV_BYTES:
             raise ValueError(f"kv_cache_type {session.kv_cache_type[:20]!r} is not one of {', '.join(KV_BYTES)}")
+        if not 0 <= session.vocab_limit <= config.vocab_size:
+            raise ValueError(f"vocab_limit {session.vocab_limit} is out of range (0..{config.vocab_size})")
         if len(session.model_hash) > 128:
             raise ValueError("model_hash is longer than 128 characters")
         check_slice(config, node_slice)

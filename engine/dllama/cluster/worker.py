@@ -224,7 +224,7 @@ class Worker:
     def build(self, session: Session, weights: np.ndarray) -> _core.Transformer:
         """Q40 matrices are copied (packed) by bind; F32 tensors are copied out of the buffer
         too, so the buffer (as large as the slices) is not kept for the session."""
-        model = _core.Transformer(native_config(session.config), native_plan(session.slice), nthreads=self.nthreads,
+        model = _core.Transformer(native_config(session.config, session.vocab_limit), native_plan(session.slice), nthreads=self.nthreads,
                                   max_seq_len=session.max_seq_len, max_batch=session.max_batch,
                                   max_sequences=session.max_sequences,
                                   kv_cache_type=_core.FloatType.F16 if session.kv_cache_type == "f16" else _core.FloatType.F32)

@@ -118,7 +118,8 @@ def serve(args: argparse.Namespace) -> int:
     limits = _connection_limits(args)
     model, tokenizer = launch.load_tokenizer(args)
     header = _model_header(model, tokenizer)
-    host = EngineHost(lambda: launch.open_engine(args, model, max_sequences=args.parallel),
+    host = EngineHost(lambda: launch.open_engine(args, model, max_sequences=args.parallel,
+                                                        vocab_limit=tokenizer.vocab_size),
                       workers=[w.partition("@")[0] for w in args.workers])  # HOST:PORT[@weight]
     host.start()
     try:

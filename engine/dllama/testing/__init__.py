@@ -13,17 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..dl_tokenizer import cache_root
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 _TOKENIZER_SRC = DATA_DIR / "qwen3-tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("DLLAMA_CACHE_DIR")
-    if base:
-        return Path(base)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "dllama"
 
 
 def qwen3_tokenizer_dir() -> Path:
@@ -41,7 +35,7 @@ def qwen3_tokenizer_dir() -> Path:
     h = hashlib.blake2b(archive.read_bytes(), digest_size=8)
     h.update(config.read_bytes())
     name = f"qwen3-tokenizer-{h.hexdigest()}"
-    for root in (_cache_root(), Path(tempfile.gettempdir()) / "dllama"):
+    for root in (cache_root(), Path(tempfile.gettempdir()) / "dllama"):
         target = root / name
         if all((target / f).is_file() for f in TOKENIZER_FILES):
             return target

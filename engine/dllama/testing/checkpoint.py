@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Arch, ModelConfig
-from ..convert import config_from_hf, hf_tensor_name, llama_permute
+from ..convert import config_from_hf, hf_header_keys, hf_tensor_name, llama_permute
 from ..model_file import ModelWriter, tensor_layout
 
 STD = 0.02
@@ -318,7 +318,7 @@ def make_model_file(out_path: str | os.PathLike, preset: str = "bench", arch: st
     config = config_from_hf(cfg, weights)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = ModelWriter(out, config)
+    writer = ModelWriter(out, config, hf_header_keys(cfg, config))
     layout = writer.layout
     names = [hf_tensor_name("embed_tokens" if t.name == "lm_head" and tie else t.name) for t in layout]
     workers = os.cpu_count() or 1
