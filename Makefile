@@ -54,18 +54,18 @@ demo: install
 # Everything: the unit and integration tests, then the appliance end to end on 4 VMs (root; under
 # software emulation ~16 min with the images and a booted snapshot cached, ~20 more the first time).
 # The VM images (the arm64 one: ~16 min cold, mostly one core's work under qemu-user) are built
-# while the unit tests run; their log is shown after the tests.
+# while the unit tests run (two at a time: pytest-xdist); their log is shown after the tests.
 test: system-deps install
 	@mkdir -p $(OUT)
 	$(PY) tests/vm/run_e2e.py --images-only >$(OUT)/e2e-images.log 2>&1 & images=$$!; \
-	$(PY) -m pytest -q tests; unit=$$?; \
+	$(PY) -m pytest -q -n 2 tests; unit=$$?; \
 	wait $$images; built=$$?; cat $(OUT)/e2e-images.log; \
 	[ $$unit -eq 0 ] && [ $$built -eq 0 ]
 	$(PY) tests/vm/run_e2e.py $(E2E_ARGS)
 
 # The tests that need no VMs (a few minutes).
 unit: system-deps install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench: install
 	$(PY) tests/bench.py --nthreads $(NTHREADS)

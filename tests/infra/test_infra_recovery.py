@@ -77,8 +77,9 @@ def test_killed_worker_is_running_again_within_15s(host):
 
 
 def test_api_recovers_after_a_worker_restart(host):
-    # The API notices the lost worker on the next request: that one (and any during the
-    # reconnect) answers 503 "retry shortly"; a completion must succeed again within the limit.
+    # The API notices the lost worker from its node watch or on the next request, whichever comes
+    # first: requests during the reconnect answer 503 "retry shortly"; a completion must succeed
+    # again within the limit.
     deadline = time.monotonic() + RECOVER_WITHIN_S
     while True:
         status, answer = complete(host)

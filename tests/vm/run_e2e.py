@@ -493,7 +493,7 @@ def verify(run: Run) -> None:
         with phase(f"reboot {vm.name}: back with its cluster address, MTU and worker; netplan untouched"):
             reboot_and_check(run.cluster, vm, PYTEST, run.env)
     # After the reboot: this check restarts dllama-api, which then reaches the rebooted worker
-    # afresh (a running API learns of a lost worker only from its next request).
+    # afresh (rather than relying on the running API's node watch having seen it go and come back).
     with phase("the mixed x86_64 + aarch64 cluster computes what one node computes (F32 logits, Q80 text)"):
         run_checks(PYTEST, ["tests/infra/test_infra_mixed_cluster.py"], RUN / "mixed-cluster.log", run.env,
                    "the mixed cluster differs from one node")
