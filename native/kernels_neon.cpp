@@ -9,6 +9,7 @@
 #include <sys/auxv.h>
 
 #include "kernels.h"
+#include "mca.h"
 
 #ifndef HWCAP_ASIMDHP
 #define HWCAP_ASIMDHP (1 << 10)
@@ -155,6 +156,7 @@ struct GroupQ40 {
         for (int h = 0; h < 2; h++)
             for (int b = 0; b < B; b++) acc[h][b] = vdupq_n_f32(0.0f);
         for (int i = 0; i < nb; i++, g += kQ40GroupBlockBytes) {
+            DLLAMA_MCA_BEGIN("q40x8_q80_batch", B);
             __builtin_prefetch(g + kPrefetchBytes);
             __builtin_prefetch(g + kPrefetchBytes + 64);
             const float16x8_t hd = vreinterpretq_f16_u8(vld1q_u8(g));
@@ -181,6 +183,7 @@ struct GroupQ40 {
                     acc[h][b] = vfmaq_f32(acc[h][b], vcvtq_f32_s32(rows), vmulq_n_f32(dw[h], dx[b]));
                 }
             }
+            DLLAMA_MCA_END("q40x8_q80_batch", B);
         }
         for (int b = 0; b < B; b++) {
             float* yb = y + size_t(b) * y_stride;
