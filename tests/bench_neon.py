@@ -2,10 +2,12 @@
 
 native/kernels_neon.cpp is cross-compiled to assembly exactly as CMake builds it for aarch64 (its
 COMPILE_OPTIONS in native/CMakeLists.txt), with DLLAMA_MCA defined so the marks of native/mca.h
-put "LLVM-MCA-BEGIN/END q40x8_q80_batch<B>" around one iteration of the group-block loop for each
-tile width B. Each marked region, plus the loop's own increment and back branch when they sit
-right after the END mark, is handed alone to llvm-mca for each CPU model; its simulated cycles
-per iteration are one 144-byte group-block (8 weight rows x 32 values) against B tokens:
+put "LLVM-MCA-BEGIN/END q40x<R>_q80_batch<B>" around one iteration of the group-block loop for
+each tile: R weight rows of a 144-byte group-block (8 rows x 32 values; R = 4 when a wide tile
+goes over a group in two passes) against B tokens. Each marked region, plus the loop's own
+increment and back branch when they sit right after the END mark, is handed alone to llvm-mca
+for each CPU model; its simulated cycles per iteration, times 8 / R, are one group-block's (the
+two passes' regions of a split tile, of the same name, are averaged):
 
     decode  (B = 1):   cycles and instructions per group-block, weight GB/s per core = 144 B x f / cycles
     prefill (widest B): cycles per group-block per token (cycles / B), and the same GB/s per core
@@ -145,9 +147,21 @@ def spills(body: list[str]) -> int:
     return sum(1 for l in body if re.match(r"(ld|st)\w*\s.*\[sp", l))
 
 
+def tile_of(name: str) -> tuple[int, int]:
+    """(rows, tokens) of a region named q40x<rows>_q80_batch<tokens>; (0, 0) for another."""
+    m = re.fullmatch(r"q40x(\d+)_q80_batch(\d+)", name)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
 def batch_of(name: str) -> int:
-    m = re.search(r"batch(\d+)$", name)
-    return int(m.group(1)) if m else 0
+    return tile_of(name)[1]
+
+
+def per_group_block(parts: list[Region], cpu: str, workdir: Path) -> Reading:
+    """One group-block's reading from the regions of one tile (one pass, or the two of a split)."""
+    scale = 8 / tile_of(parts[0].name)[0] / len(parts)
+    ms = [run_mca(p.body, cpu, workdir) for p in parts]
+    return Reading(*(sum(getattr(m, f) for m in ms) * scale for f in ("instructions", "cycles", "uops")))
 
 
 def main() -> None:
@@ -161,30 +175,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         asm = compile_marked(args.keep or work / "kernels_neon.s", args.cxxflags.split())
-        found = sorted((r for r in regions(asm) if batch_of(r.name)), key=lambda r: batch_of(r.name))
-        if not found:
+        tiles: dict[str, list[Region]] = {}
+        for r in regions(asm):
+            if batch_of(r.name):
+                tiles.setdefault(r.name, []).append(r)
+        if not tiles:
             sys.exit("no LLVM-MCA regions in the marked assembly")
+        names = sorted(tiles, key=batch_of)
         print(f"NEON Q40 x Q80, one 144-byte group-block (8 rows x 32 values) per iteration; "
               f"{CXX} {' '.join(neon_compile_options())} {args.cxxflags}".rstrip())
         print(f"GB/s of weights per core at {GHZ} GHz; llvm-mca {ITERATIONS} iterations\n")
-        header = f"{'region':24} {'cpu':12} {'tokens':>6} {'instr':>6} {'uops':>6} {'cycles':>7} {'cyc/token':>9} {'GB/s':>6} {'spills':>6}"
+        header = (f"{'region (per group-block)':26} {'cpu':12} {'tokens':>6} {'instr':>6} {'uops':>6} {'cycles':>7} "
+                  f"{'cyc/token':>9} {'GB/s':>6} {'spills':>6}")
         print(header)
         print("-" * len(header))
-        for r in found:
-            b = batch_of(r.name)
+        readings: dict[tuple[str, str], Reading] = {}
+        for name in names:
+            b, parts = batch_of(name), tiles[name]
             for cpu in CPUS:
-                m = run_mca(r.body, cpu, work)
+                m = readings[name, cpu] = per_group_block(parts, cpu, work)
                 gbs = GROUP_BLOCK_BYTES * GHZ / m.cycles
-                note = "" if r.loop_closed else "  (loop step not found: body only)"
-                print(f"{r.name:24} {cpu:12} {b:6d} {m.instructions:6.0f} {m.uops:6.0f} {m.cycles:7.2f} "
-                      f"{m.cycles / b:9.2f} {gbs:6.2f} {spills(r.body):6d}{note}")
-        decode = found[0]
-        prefill = found[-1]
+                note = "" if all(p.loop_closed for p in parts) else "  (loop step not found: body only)"
+                spilled = sum(spills(p.body) for p in parts)
+                print(f"{name:26} {cpu:12} {b:6d} {m.instructions:6.0f} {m.uops:6.0f} {m.cycles:7.2f} "
+                      f"{m.cycles / b:9.2f} {gbs:6.2f} {spilled:6d}{note}")
         print()
+        decode, prefill = names[0], names[-1]
         for cpu in CPUS:
-            d = run_mca(decode.body, cpu, work)
-            p = run_mca(prefill.body, cpu, work)
-            pb = batch_of(prefill.name)
+            d, p, pb = readings[decode, cpu], readings[prefill, cpu], batch_of(prefill)
             print(f"{cpu}: decode {d.cycles:.2f} cycles / {d.instructions:.0f} instructions per group-block "
                   f"({GROUP_BLOCK_BYTES * GHZ / d.cycles:.2f} GB/s per core); prefill tile of {pb} tokens "
                   f"{p.cycles / pb:.2f} cycles per group-block per token")
