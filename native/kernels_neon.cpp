@@ -150,12 +150,13 @@ struct PackedCtx {
     int batch;
 };
 
-// Activation rows per tile (tiling.h): 8 keeps the 8 float accumulators of a half group, its 8
-// weight vectors and one token's temporaries in 32 registers (16 would need 32 accumulators).
+// Activation rows per tile (tiling.h): 8 keeps a half group's 8 weight vectors, the tile's 8
+// float accumulators and one token's temporaries in 32 registers with no spill (make bench-neon
+// reads the loops; 12 gains 3 % and spills).
 constexpr int kNeonTileB = 8;
-// Up to this many tokens a group-block is read in one pass (16 weight vectors + 2 accumulators
-// per token); wider tiles go over the group twice, rows 0..3 then 4..7 (the group stays in L1).
-constexpr int kOnePassMaxB = 2;
+// A one-token tile (decode) reads each group-block in one pass (16 weight vectors); wider tiles go
+// over a group twice, rows 0..3 then 4..7 (the group stays in L1 between the passes).
+constexpr int kOnePassMaxB = 1;
 
 // One run c of a half group-block against one token: the run's low nibbles (elements 4c..4c+3 of
 // 4 rows) with x bytes 4c..4c+3, its high ones with x bytes 16+4c..

@@ -14,7 +14,9 @@ two passes' regions of a split tile, of the same name, are averaged):
 
 at f = 2.4 GHz (the Raspberry Pi 5's Cortex-A76). Spills are the region's loads and stores
 through the stack pointer. llvm-mca's figures are a model's (no cache misses, perfect branch
-prediction): a bound on what the core can do, deterministic, unaffected by a busy machine.
+prediction): a bound on what the core can do, deterministic, unaffected by a busy machine. The
+Neoverse N1 model is the one to read: the N1 is the A76's server sibling (same pipelines), while
+LLVM 19's "cortex-a76" borrows the older Cortex-A57 model (one load pipe), shown for comparison.
 
 Run with `make bench-neon` (Debian: g++-aarch64-linux-gnu and llvm-19).
 """
