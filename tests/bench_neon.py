@@ -166,48 +166,66 @@ def per_group_block(parts: list[Region], cpu: str, workdir: Path) -> Reading:
     return Reading(*(sum(getattr(m, f) for m in ms) * scale for f in ("instructions", "cycles", "uops")))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cxxflags", default="", help="extra compiler flags (e.g. -mtune=cortex-a76)")
-    parser.add_argument("--keep", type=Path, help="write the marked assembly here")
-    args = parser.parse_args()
+@dataclass
+class Analysis:
+    tiles: dict[str, list[Region]]  # regions by name, names in tile-width order
+    readings: dict[tuple[str, str], Reading]  # per (name, cpu): one group-block
+
+    @property
+    def decode(self) -> str:
+        return next(iter(self.tiles))
+
+    @property
+    def prefill(self) -> str:
+        return list(self.tiles)[-1]
+
+
+def analyse(cxxflags: list[str], keep: Path | None = None) -> Analysis:
+    """Compile the marked build and read every tile's region on every CPU model."""
     for tool, package in ((CXX, "g++-aarch64-linux-gnu"), (MCA, "llvm-19")):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found (Debian package {package}; make system-deps installs it)")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        asm = compile_marked(args.keep or work / "kernels_neon.s", args.cxxflags.split())
+        asm = compile_marked(keep or work / "kernels_neon.s", cxxflags)
         tiles: dict[str, list[Region]] = {}
         for r in regions(asm):
             if batch_of(r.name):
                 tiles.setdefault(r.name, []).append(r)
         if not tiles:
             sys.exit("no LLVM-MCA regions in the marked assembly")
-        names = sorted(tiles, key=batch_of)
-        print(f"NEON Q40 x Q80, one 144-byte group-block (8 rows x 32 values) per iteration; "
-              f"{CXX} {' '.join(neon_compile_options())} {args.cxxflags}".rstrip())
-        print(f"GB/s of weights per core at {GHZ} GHz; llvm-mca {ITERATIONS} iterations\n")
-        header = (f"{'region (per group-block)':26} {'cpu':12} {'tokens':>6} {'instr':>6} {'uops':>6} {'cycles':>7} "
-                  f"{'cyc/token':>9} {'GB/s':>6} {'spills':>6}")
-        print(header)
-        print("-" * len(header))
-        readings: dict[tuple[str, str], Reading] = {}
-        for name in names:
-            b, parts = batch_of(name), tiles[name]
-            for cpu in CPUS:
-                m = readings[name, cpu] = per_group_block(parts, cpu, work)
-                gbs = GROUP_BLOCK_BYTES * GHZ / m.cycles
-                note = "" if all(p.loop_closed for p in parts) else "  (loop step not found: body only)"
-                spilled = sum(spills(p.body) for p in parts)
-                print(f"{name:26} {cpu:12} {b:6d} {m.instructions:6.0f} {m.uops:6.0f} {m.cycles:7.2f} "
-                      f"{m.cycles / b:9.2f} {gbs:6.2f} {spilled:6d}{note}")
-        print()
-        decode, prefill = names[0], names[-1]
+        tiles = {name: tiles[name] for name in sorted(tiles, key=batch_of)}
+        readings = {(name, cpu): per_group_block(parts, cpu, work) for name, parts in tiles.items() for cpu in CPUS}
+    return Analysis(tiles, readings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cxxflags", default="", help="extra compiler flags (e.g. -mtune=cortex-a76)")
+    parser.add_argument("--keep", type=Path, help="write the marked assembly here")
+    args = parser.parse_args()
+    a = analyse(args.cxxflags.split(), args.keep)
+    print(f"NEON Q40 x Q80, one 144-byte group-block (8 rows x 32 values) per iteration; "
+          f"{CXX} {' '.join(neon_compile_options())} {args.cxxflags}".rstrip())
+    print(f"GB/s of weights per core at {GHZ} GHz; llvm-mca {ITERATIONS} iterations\n")
+    header = (f"{'region (per group-block)':26} {'cpu':12} {'tokens':>6} {'instr':>6} {'uops':>6} {'cycles':>7} "
+              f"{'cyc/token':>9} {'GB/s':>6} {'spills':>6}")
+    print(header)
+    print("-" * len(header))
+    for name, parts in a.tiles.items():
+        b = batch_of(name)
         for cpu in CPUS:
-            d, p, pb = readings[decode, cpu], readings[prefill, cpu], batch_of(prefill)
-            print(f"{cpu}: decode {d.cycles:.2f} cycles / {d.instructions:.0f} instructions per group-block "
-                  f"({GROUP_BLOCK_BYTES * GHZ / d.cycles:.2f} GB/s per core); prefill tile of {pb} tokens "
-                  f"{p.cycles / pb:.2f} cycles per group-block per token")
+            m = a.readings[name, cpu]
+            note = "" if all(p.loop_closed for p in parts) else "  (loop step not found: body only)"
+            spilled = sum(spills(p.body) for p in parts)
+            print(f"{name:26} {cpu:12} {b:6d} {m.instructions:6.0f} {m.uops:6.0f} {m.cycles:7.2f} "
+                  f"{m.cycles / b:9.2f} {GROUP_BLOCK_BYTES * GHZ / m.cycles:6.2f} {spilled:6d}{note}")
+    print()
+    for cpu in CPUS:
+        d, p, pb = a.readings[a.decode, cpu], a.readings[a.prefill, cpu], batch_of(a.prefill)
+        print(f"{cpu}: decode {d.cycles:.2f} cycles / {d.instructions:.0f} instructions per group-block "
+              f"({GROUP_BLOCK_BYTES * GHZ / d.cycles:.2f} GB/s per core); prefill tile of {pb} tokens "
+              f"{p.cycles / pb:.2f} cycles per group-block per token")
 
 
 if __name__ == "__main__":
