@@ -3,9 +3,10 @@
     memory per node  = Q40 matrices / N + the F32 embedding (every node holds it) + KV cache at
                        4096 positions (F32; its kv heads shared by N) + the engine
     decode ms/token  = max(DRAM time, kernel time) of the node's share of the weights a token
-                       reads + the sync measured over the emulated network (bench_cluster.py)
+                       reads + sync: the network's floor (network_floor_ms), and beside it the
+                       sync measured over the emulated network (bench_cluster.py)
     prefill tok/s    = 1 / (the node's active Q40 group-blocks per token x the prefill tile's
-                       cycles per group-block per token / (4 cores x 2.4 GHz) + the measured
+                       cycles per group-block per token / (4 cores x 2.4 GHz) + the floor's
                        sync per prompt token)
 
 Not in the model: attention over the KV cache, norms, the router and the sampler (a few % of a
@@ -23,6 +24,11 @@ PI5_DRAM_GBS = 10.0  # LPDDR4X "roughly 10-12 GB/s" (issue #17): the lower end
 PI5_RAM_GB = 8.0
 ENGINE_GB = 0.3  # Python, the core's buffers, the OS's share: assumed, not measured
 KV_POSITIONS = 4096
+PREFILL_TOKENS = 128
+LINK_GBIT, DELAY_MS = 1.0, 0.05  # gigabit Ethernet; the one-way delay bench-cluster emulates by default
+# bytes a message carries besides its payload: the data plane's 16-byte tag, TCP/IP and Ethernet
+# headers with preamble and gap (one segment at MTU 9000)
+WIRE_OVERHEAD = 16 + 66 + 20
 NODES = (1, 2, 4, 8)
 # Distributed Llama on 4 x Pi 5 8 GB, Qwen3-30B-A3B Q40 (issue #17)
 REFERENCE = dict(nodes=4, decode_tok_s=13.04, prefill_tok_s=14.33, sent_kb=636, sync_ms="14-94")
@@ -33,6 +39,19 @@ def qwen3_30b_a3b():
     from dllama.testing.checkpoint import hf_config
 
     return config_from_hf(hf_config("bench", "qwen3_moe", layers=48), "q40")
+
+
+def network_floor_ms(c, nodes: int, tokens: int) -> float:
+    """The least sync a step of `tokens` tokens can take on the mesh: per all-reduce every node
+    sends its Q80 partial to each of the other nodes through its one link (and receives as much
+    on the other direction), then one one-way delay; two a layer, plus the root's step message
+    and the workers' top-k replies (520 bytes each) into the root."""
+    if nodes == 1:
+        return 0.0
+    bit_ms = 8 / (LINK_GBIT * 1e9) * 1e3
+    partial = tokens * c.dim // 32 * 34 + WIRE_OVERHEAD
+    all_reduce = (nodes - 1) * partial * bit_ms + DELAY_MS
+    return 2 * c.n_layers * all_reduce + 2 * DELAY_MS + (nodes - 1) * (520 * tokens + WIRE_OVERHEAD) * bit_ms
 
 
 def print_projection(sync: dict[int, dict[str, float]]) -> None:
@@ -59,30 +78,35 @@ def print_projection(sync: dict[int, dict[str, float]]) -> None:
     print(f"  inputs: {PI5_CORES} x A76 at {PI5_GHZ} GHz; DRAM {PI5_DRAM_GBS} GB/s per node (issue #17, low end);")
     print(f"  NEON decode {decode_cycles:.2f} cycles per 144-byte group-block = {core_gbs:.2f} GB/s per core, "
           f"prefill {prefill_cycles:.2f} cycles per group-block per token (llvm-mca-19 {cpu}, make bench-neon);")
-    print(f"  sync per token: the sync-only run above (emulated 1 Gbit/s links, scaled to {c.n_layers} layers);")
+    print(f"  sync per token: floor = the mesh all-reduce's bytes on a {LINK_GBIT} Gbit/s link plus one "
+          f"{DELAY_MS} ms one-way delay each ({2 * c.n_layers} a token, + the step and the replies); measured = the "
+          f"sync-only run of make bench-cluster, scaled to {c.n_layers} layers;")
     print(f"  weights read per decode token {per_token / 1e9:.2f} GB (bench.py decode_bytes_per_step); "
-          f"engine {ENGINE_GB} GB per node (assumed)")
-    print(f"  {'nodes':>5} {'weights GB':>10} {'embed GB':>8} {'KV GB':>6} {'total GB':>8} {'DRAM ms':>8} "
-          f"{'kernel ms':>9} {'sync ms':>8} {'decode tok/s':>12} {'prefill tok/s':>13} {'KB/tok':>7}")
+          f"engine {ENGINE_GB} GB per node (assumed); prefill of {PREFILL_TOKENS}-token prompts")
+    print(f"  {'nodes':>5} {'weights':>7} {'embed':>5} {'KV':>5} {'total GB':>8} {'DRAM ms':>7} {'kernel ms':>9} "
+          f"{'sync floor':>10} {'decode tok/s':>12} {'prefill tok/s':>13} {'sync measured':>13} {'decode tok/s':>12} "
+          f"{'KB/tok':>6}")
     for n in NODES:
         kv_heads = -(-c.n_kv_heads // n)  # a node keeps whole kv heads
         kv = 2 * c.n_layers * KV_POSITIONS * kv_heads * c.head_dim * 4
         total = matrices / n + embedding + kv + ENGINE_GB * 1e9
         dram_ms = per_token / n / (PI5_DRAM_GBS * 1e9) * 1e3
         kernel_ms = per_token / n / (core_gbs * PI5_CORES * 1e9) * 1e3
-        measured = {"decode_ms": 0.0, "prefill_ms": 0.0, "kb": 0.0} if n == 1 else sync.get(n)
-        decode = f"{1e3 / (max(dram_ms, kernel_ms) + measured['decode_ms']):12.2f}" if measured else f"{'-':>12}"
-        prefill_s = q40_per_token / n / GROUP_BLOCK_BYTES * prefill_cycles / (PI5_CORES * PI5_GHZ * 1e9)
-        prefill = f"{1 / (prefill_s + measured['prefill_ms'] / 1e3):13.1f}" if measured else f"{'-':>13}"
+        step_ms = max(dram_ms, kernel_ms)
+        floor = network_floor_ms(c, n, 1)
+        prefill_ms = (q40_per_token / n / GROUP_BLOCK_BYTES * prefill_cycles / (PI5_CORES * PI5_GHZ * 1e6)
+                      + network_floor_ms(c, n, PREFILL_TOKENS) / PREFILL_TOKENS)
+        measured = sync.get(n)
+        tail = (f"{measured['decode_ms']:13.2f} {1e3 / (step_ms + measured['decode_ms']):12.2f} {measured['kb']:6.0f}"
+                if measured else f"{'-':>13} {'-':>12} {'-':>6}")
         fits = "" if total <= PI5_RAM_GB * 1e9 else "  (does not fit 8 GB)"
-        sync_txt = f"{measured['decode_ms']:8.2f}" if measured else f"{'-':>8}"
-        kb_txt = f"{measured['kb']:7.0f}" if measured else f"{'-':>7}"
-        print(f"  {n:5d} {matrices / n / 1e9:10.2f} {embedding / 1e9:8.2f} {kv / 1e9:6.2f} {total / 1e9:8.2f} "
-              f"{dram_ms:8.2f} {kernel_ms:9.2f} {sync_txt} {decode} {prefill} {kb_txt}{fits}")
+        print(f"  {n:5d} {matrices / n / 1e9:7.2f} {embedding / 1e9:5.2f} {kv / 1e9:5.2f} {total / 1e9:8.2f} "
+              f"{dram_ms:7.2f} {kernel_ms:9.2f} {floor:10.2f} {1e3 / (step_ms + floor):12.2f} {1e3 / prefill_ms:13.1f} "
+              f"{tail}{fits}")
     r = REFERENCE
     print(f"  reference, Distributed Llama on {r['nodes']} x Pi 5 (issue #17): decode {r['decode_tok_s']} tok/s, "
           f"prefill {r['prefill_tok_s']} tok/s, {r['sent_kb']} KB sent and {r['sync_ms']} ms sync per token")
 
 
 if __name__ == "__main__":
-    print_projection({})
+    print_projection({})  # the floor alone
