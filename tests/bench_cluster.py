@@ -110,23 +110,24 @@ def model_path(preset: str, layers: int) -> Path:
     return path
 
 
-def run_cluster(net: PiNetwork, model: Path, args) -> dict:
-    """Workers 1..N-1 in their namespaces, the root (this script, --root) in node 0's."""
+def run_cluster(net: PiNetwork, model: Path, args, logs: Path) -> dict:
+    """Workers 1..N-1 in their namespaces (their logs in `logs`), the root (this script, --root)
+    in node 0's."""
     workers = []
     try:
         for k in range(1, len(net.names)):
-            workers.append(subprocess.Popen(
-                net.exec(k, sys.executable, "-m", "dllama", "worker", "--host", net.address(k), "--port", str(PORT),
-                         "--nthreads", "1", "--timeout", "120"),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            with open(logs / f"worker{k}.log", "w") as log:
+                workers.append(subprocess.Popen(
+                    net.exec(k, sys.executable, "-m", "dllama", "worker", "--host", net.address(k), "--port", str(PORT),
+                             "--nthreads", "1", "--timeout", str(args.worker_timeout)),
+                    stdout=subprocess.DEVNULL, stderr=log))
         addresses = ",".join(f"{net.address(k)}:{PORT}" for k in range(1, len(net.names)))
         proc = subprocess.run(
             net.exec(0, sys.executable, str(Path(__file__)), "--root", str(model), "--workers", addresses,
                      "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens)),
-            capture_output=True, text=True, timeout=3600)
+            capture_output=True, text=True, timeout=args.run_timeout)
         if proc.returncode != 0:
-            logs = "\n".join(w.stderr.read() if w.poll() is not None else "" for w in workers)
-            raise RuntimeError(f"root failed:\n{proc.stderr[-3000:]}\n{logs[-2000:]}")
+            raise RuntimeError(f"root failed (worker logs in {logs}):\n{proc.stderr[-3000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
         for w in workers:
@@ -194,6 +195,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--models", default="sync,bench", help="sync (network only), bench (with compute)")
+    parser.add_argument("--run-timeout", type=float, default=1200, help="seconds one cluster run may take")
+    # the root sends the weight slices one worker after another: the last one waits for all
+    parser.add_argument("--worker-timeout", type=float, default=900, help="the workers' --timeout")
+    parser.add_argument("--logs", type=Path, default=Path("out/bench-cluster"), help="the workers' logs")
     parser.add_argument("--root", help=argparse.SUPPRESS)  # internal: run as the root in node 0
     parser.add_argument("--workers", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,7 +221,9 @@ def main() -> None:
             net = PiNetwork(nodes, args.rate, args.delay_ms, args.mtu)
             delay_emulated &= net.delay_emulated
             try:
-                r = run_cluster(net, model, args)
+                logs = args.logs / f"{nodes}-{name}"
+                logs.mkdir(parents=True, exist_ok=True)
+                r = run_cluster(net, model, args, logs)
             except (RuntimeError, subprocess.TimeoutExpired, MemoryError) as e:
                 print(f"{nodes:5d} {name:>6} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}",
                       flush=True)
