@@ -6,8 +6,9 @@ put "LLVM-MCA-BEGIN/END q40x<R>_q80_batch<B>" around one iteration of the group-
 each tile: R weight rows of a 144-byte group-block (8 rows x 32 values; R = 4 when a wide tile
 goes over a group in two passes) against B tokens. Each marked region, plus the loop's own
 increment and back branch when they sit right after the END mark, is handed alone to llvm-mca
-for each CPU model; its simulated cycles per iteration, times 8 / R, are one group-block's (the
-two passes' regions of a split tile, of the same name, are averaged):
+for each CPU model; its simulated cycles per iteration, times 8 / R, are one group-block's
+(regions of one name, the passes of a split tile and any copies the compiler made of a loop, are
+averaged before):
 
     decode  (B = 1):   cycles and instructions per group-block, weight GB/s per core = 144 B x f / cycles
     prefill (widest B): cycles per group-block per token (cycles / B), and the same GB/s per core
@@ -159,6 +160,10 @@ def batch_of(name: str) -> int:
     return tile_of(name)[1]
 
 
+def spills_per_group_block(parts: list[Region]) -> float:
+    return sum(spills(p.body) for p in parts) / len(parts) * 8 / tile_of(parts[0].name)[0]
+
+
 def per_group_block(parts: list[Region], cpu: str, workdir: Path) -> Reading:
     """One group-block's reading from the regions of one tile (one pass, or the two of a split)."""
     scale = 8 / tile_of(parts[0].name)[0] / len(parts)
@@ -217,9 +222,9 @@ def main() -> None:
         for cpu in CPUS:
             m = a.readings[name, cpu]
             note = "" if all(p.loop_closed for p in parts) else "  (loop step not found: body only)"
-            spilled = sum(spills(p.body) for p in parts)
+            spilled = spills_per_group_block(parts)
             print(f"{name:26} {cpu:12} {b:6d} {m.instructions:6.0f} {m.uops:6.0f} {m.cycles:7.2f} "
-                  f"{m.cycles / b:9.2f} {GROUP_BLOCK_BYTES * GHZ / m.cycles:6.2f} {spilled:6d}{note}")
+                  f"{m.cycles / b:9.2f} {GROUP_BLOCK_BYTES * GHZ / m.cycles:6.2f} {spilled:6.0f}{note}")
     print()
     for cpu in CPUS:
         d, p, pb = a.readings[a.decode, cpu], a.readings[a.prefill, cpu], batch_of(a.prefill)
