@@ -7,7 +7,7 @@ OUT ?= out
 NTHREADS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test unit bench install deps system-deps lint e2e clean wheelhouse wheelhouse-deps FORCE
+.PHONY: demo test unit bench bench-neon bench-cluster install deps system-deps lint e2e clean wheelhouse wheelhouse-deps FORCE
 
 # The Python environment. Build tools first (the package is built without isolation, so the
 # native core's build directory is reused between runs): all `make wheelhouse` needs, so an
@@ -28,18 +28,20 @@ deps: $(VENV)/.deps
 install: deps
 	$(PIP) install -q --no-build-isolation --no-deps .
 
-# The cross toolchain and user-mode qemu run the NEON kernel tests on this x86 machine; nft checks
-# the firewall role's table, and sshd (started by the test on a loopback port only: policy-rc.d
-# keeps the package from starting the system's) checks ansible.cfg's host key rule; Playwright
-# drives Debian's chromium through the web pages (never `playwright install`: no browser download).
+# The cross toolchain and user-mode qemu run the NEON kernel tests on this x86 machine (llvm-19's
+# llvm-mca reads their hot loops for make bench-neon; iproute2's ip and tc make bench-cluster's
+# network); nft checks the firewall role's table, and sshd (started by the test on a loopback port
+# only: policy-rc.d keeps the package from starting the system's) checks ansible.cfg's host key
+# rule; Playwright drives Debian's chromium through the web pages (never `playwright install`: no
+# browser download).
 system-deps:
 	@if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null \
-	    || ! command -v cmake >/dev/null || ! test -x /usr/sbin/nft || ! test -x /usr/sbin/sshd \
-	    || ! command -v chromium >/dev/null; then \
+	    || ! command -v llvm-mca-19 >/dev/null || ! command -v tc >/dev/null || ! command -v cmake >/dev/null \
+	    || ! test -x /usr/sbin/nft || ! test -x /usr/sbin/sshd || ! command -v chromium >/dev/null; then \
 	  own=; if [ ! -e /usr/sbin/policy-rc.d ]; then own=1; printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
 	    chmod 755 /usr/sbin/policy-rc.d; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    cmake g++ g++-aarch64-linux-gnu qemu-user nftables openssh-server chromium >/dev/null; \
+	    cmake g++ g++-aarch64-linux-gnu qemu-user llvm-19 iproute2 nftables openssh-server chromium >/dev/null; \
 	  rc=$$?; if [ -n "$$own" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
 	fi
 
@@ -69,6 +71,16 @@ unit: system-deps install
 
 bench: install
 	$(PY) tests/bench.py --nthreads $(NTHREADS)
+
+# The NEON kernel's hot loops as a Pi 5 core would run them, by static analysis: cross-compiled
+# to assembly and read by llvm-mca (Neoverse N1 and Cortex-A76 models); no board, no timing.
+bench-neon: system-deps
+	$(PYTHON) tests/bench_neon.py
+
+# The cluster's sync over an emulated Pi 5 network (network namespaces, tc-shaped 1 Gbit/s links;
+# needs root), then the Pi 5 projection from it and bench-neon's readings. Kept in README.
+bench-cluster: system-deps install
+	$(PY) tests/bench_cluster.py
 
 # The engine for nodes with no internet: one directory and one archive per node kind,
 # ARCH-cpXY, the architecture as `uname -m` (and Ansible's ansible_facts.architecture) names it

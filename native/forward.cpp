@@ -124,8 +124,9 @@ void Transformer::bind(TensorKind kind, int layer, int expert, const uint8_t* da
         own = alloc_packed_q40(rows, cols);
         const int groups = q40_groups(rows);
         uint8_t* out = own.get();
+        const PackQ40Fn pack = kernels().pack_q40;  // the layout the chosen set's matmul reads
         pool_.run([&](int t, int nt) {  // the copy's cost is first touching fresh pages: share it
-            pack_q40_groups(data, row_stride, rows, cols, groups * t / nt, groups * (t + 1) / nt, out);
+            pack(data, row_stride, rows, cols, groups * t / nt, groups * (t + 1) / nt, out);
         });
         *slot.tensor = Tensor{out, type, rows, cols, 0, true};
     } else {

@@ -37,7 +37,7 @@ struct Kernels {
     void (*convert_f32_f16)(const float* x, uint16_t* y, int n);
 
     // Row range [r0, r1) of y = W x for a batch of activation rows, W a Q40 matrix packed by
-    // pack_q40_groups (repack.h), the form the forward pass binds:
+    // this set's pack_q40 (repack.h), the form the forward pass binds:
     //   y[b * y_stride + r] = dot(W row r, x row b)   for r in [r0, r1), b in [0, batch)
     // r0 is a multiple of 8; the group holding row r1 - 1 is read whole (its padding rows are
     // part of the packed matrix); only rows [r0, r1) are written. n = input values per row.
@@ -48,6 +48,10 @@ struct Kernels {
     // wider than the row lets a node read a column slice of a bigger matrix in place).
     void (*matmul_f32)(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
                        const float* x, size_t x_stride, int n, int r0, int r1, int batch);
+
+    // The packer of the layout this set's matmul_q40x8_q80 reads (repack.h): the slot layout
+    // unless a set names its own (last, so a set that does not keeps its initializer as it is).
+    PackQ40Fn pack_q40 = pack_q40_groups;
 };
 
 // Chosen once: the best set the CPU supports, or the portable one when the environment

@@ -2,13 +2,18 @@
 // -march=armv8.2-a+dotprod+fp16, so everything here has internal linkage: nothing compiled for
 // those extensions can be shared with (and picked by the linker for) the portable code.
 //
-// Q40 x Q80 over packed rows (repack.h), exact in integers: vdotq_s32 multiplies the unsigned
-// nibbles (0..15) with the int8 activations on top of the block's sum(-8 * q), so every int32
-// lane ends at sum((n - 8) * q); then convert and one FMA with d_w * d_x.
+// Q40 x Q80 over rows packed in the lane layout (repack.h), exact in integers: a lane-indexed
+// vdotq multiplies one 16-byte run (4 rows x 4 weights, each 16 (n - 8) after one shift or mask
+// of the stored n ^ 8) with 4 activation bytes, leaving the 4 rows' sums in its 4 lanes; then
+// convert and one FMA with d_w * d_x, and the result scaled by 1/16 once at the end (exact: a
+// power of two).
 #include <arm_neon.h>
 #include <sys/auxv.h>
 
+#include <vector>
+
 #include "kernels.h"
+#include "mca.h"
 
 #ifndef HWCAP_ASIMDHP
 #define HWCAP_ASIMDHP (1 << 10)
@@ -136,70 +141,125 @@ void dequantize_row_q40_neon(const BlockQ40* x, float* y, int n) {
 // loads in flight to hide DRAM latency). Not yet tuned on a Pi 5.
 constexpr int kPrefetchBytes = 8192;
 
+// The activations as the packed kernel reads them besides their bytes: d_x as fp32, converted
+// once per call, block-major so a tile's tokens are side by side.
 struct PackedCtx {
     const BlockQ80* x;
     size_t x_stride_blocks;
+    const float* dx;  // block i of activation row b at dx[i * batch + b]
+    int batch;
 };
 
-// One group of 8 packed rows (repack.h) against B activation rows: per row two dot products
-// (low nibbles with x0..15, high with x16..31) on top of the block's sum(-8 * q), pairwise adds
-// bring four rows' sums into one vector, then one FMA per four rows with their d_w * d_x.
+// Activation rows per tile (tiling.h): 8 keeps a half group's 8 weight vectors, the tile's 8
+// float accumulators and one token's temporaries in 32 registers with no spill (make bench-neon
+// reads the loops; 12 gains 3 % and spills).
+constexpr int kNeonTileB = 8;
+// A one-token tile (decode) reads each group-block in one pass (16 weight vectors); wider tiles go
+// over a group twice, rows 0..3 then 4..7 (the group stays in L1 between the passes).
+constexpr int kOnePassMaxB = 1;
+
+// One run c of a half group-block against one token: the run's low nibbles (elements 4c..4c+3 of
+// 4 rows) with x bytes 4c..4c+3, its high ones with x bytes 16+4c..
+template <int C>
+int32x4_t dot_run(int32x4_t acc, int8x16_t lo, int8x16_t hi, int8x16_t x0, int8x16_t x1) {
+    return vdotq_laneq_s32(vdotq_laneq_s32(acc, lo, x0, C), hi, x1, C);
+}
+
+// A block's integer sums (|16 x sum| <= 16 x 8 x 128 x 32 = 2^19) start from the bits of
+// kMagic = 1.5 x 2^23, whose ulp is 1: the sum's int32 lanes read as fp32 are then kMagic + sum
+// exactly, and one subtraction converts (scvtf would cost two micro-ops, on one pipe only).
+constexpr float kMagic = 12582912.0f;
+
+// Rows 4 h0 .. 4 h0 + 3 of a group's first nr rows into yb[0 .. 3] (scaled back by 1/16).
+inline void store_rows(float* yb, int h0, float32x4_t acc16, int nr) {
+    const float32x4_t v = vmulq_n_f32(acc16, 1.0f / 16);
+    const int n = nr - 4 * h0;
+    if (n >= 4) {
+        vst1q_f32(yb, v);
+    } else {
+        float out[4];
+        vst1q_f32(out, v);
+        for (int r = 0; r < n; r++) yb[r] = out[r];
+    }
+}
+
+// Rows 4h..4h+3 for h in [H0, H0 + H) of one packed group (of which the first nr rows are
+// written) against B activation rows from b0, over all nb group-blocks: y[b * y_stride + r].
+template <int B, int H0, int H>
+void group_rows(const PackedCtx& ctx, int nb, const uint8_t* g, int b0, float* y, size_t y_stride, int nr) {
+    const int8x16_t high = vdupq_n_s8(int8_t(0xF0));
+    const int32x4_t magic_bits = vreinterpretq_s32_f32(vdupq_n_f32(kMagic));
+    const BlockQ80* x[B];
+    #pragma GCC unroll 16
+    for (int b = 0; b < B; b++) x[b] = ctx.x + size_t(b0 + b) * ctx.x_stride_blocks;
+    const float* dx = ctx.dx + b0;
+    float32x4_t acc[H][B];
+    #pragma GCC unroll 16
+    for (int h = 0; h < H; h++)
+        #pragma GCC unroll 16
+        for (int b = 0; b < B; b++) acc[h][b] = vdupq_n_f32(0.0f);
+    for (int i = 0; i < nb; i++, g += kQ40GroupBlockBytes, dx += ctx.batch) {
+        DLLAMA_MCA_BEGIN("q40x%c0_q80_batch%c1", 4 * H, B);
+        if (H0 == 0) {  // the second pass of a split group reads it from L1
+            __builtin_prefetch(g + kPrefetchBytes);
+            __builtin_prefetch(g + kPrefetchBytes + 64);
+        }
+        float32x4_t dw[H];
+        int8x16_t lo[H][4], hi[H][4];
+        #pragma GCC unroll 16
+        for (int h = 0; h < H; h++) {
+            dw[h] = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(g + 8 * (H0 + h))));
+            #pragma GCC unroll 16
+            for (int c = 0; c < 4; c++) {
+                const int8x16_t raw = vld1q_s8(reinterpret_cast<const int8_t*>(g + q40_lanes_run_offset(H0 + h, c)));
+                lo[h][c] = vshlq_n_s8(raw, 4);   // 16 (n - 8), n the low nibble (stored n ^ 8)
+                hi[h][c] = vandq_s8(raw, high);  // the same of the high nibble
+            }
+        }
+        #pragma GCC unroll 16
+        for (int b = 0; b < B; b++) {
+            const int8x16_t x0 = vld1q_s8(x[b][i].qs), x1 = vld1q_s8(x[b][i].qs + 16);
+            #pragma GCC unroll 16
+            for (int h = 0; h < H; h++) {
+                int32x4_t s = dot_run<0>(magic_bits, lo[h][0], hi[h][0], x0, x1);
+                s = dot_run<1>(s, lo[h][1], hi[h][1], x0, x1);
+                s = dot_run<2>(s, lo[h][2], hi[h][2], x0, x1);
+                s = dot_run<3>(s, lo[h][3], hi[h][3], x0, x1);
+                const float32x4_t sum = vsubq_f32(vreinterpretq_f32_s32(s), vreinterpretq_f32_s32(magic_bits));
+                acc[h][b] = vfmaq_f32(acc[h][b], sum, vmulq_n_f32(dw[h], dx[b]));
+            }
+        }
+        DLLAMA_MCA_END("q40x%c0_q80_batch%c1", 4 * H, B);
+    }
+    #pragma GCC unroll 16
+    for (int h = 0; h < H; h++)
+        #pragma GCC unroll 16
+        for (int b = 0; b < B; b++)
+            if (4 * (H0 + h) < nr) store_rows(y + size_t(b) * y_stride + 4 * (H0 + h), H0 + h, acc[h][b], nr);
+}
+
+// One group of 8 packed rows against B activation rows (tiling.h's group policy).
 struct GroupQ40 {
     template <int B>
     static void run(const PackedCtx& ctx, int nb, const uint8_t* g, int b0, float* y, size_t y_stride, int nr) {
-        const uint8x16_t m4 = vdupq_n_u8(0x0F);
-        const int8x16_t minus8 = vdupq_n_s8(-8);
-        const BlockQ80* x[B];
-        for (int b = 0; b < B; b++) x[b] = ctx.x + size_t(b0 + b) * ctx.x_stride_blocks;
-        float32x4_t acc[2][B];  // rows 0..3 and 4..7
-        for (int h = 0; h < 2; h++)
-            for (int b = 0; b < B; b++) acc[h][b] = vdupq_n_f32(0.0f);
-        for (int i = 0; i < nb; i++, g += kQ40GroupBlockBytes) {
-            __builtin_prefetch(g + kPrefetchBytes);
-            __builtin_prefetch(g + kPrefetchBytes + 64);
-            const float16x8_t hd = vreinterpretq_f16_u8(vld1q_u8(g));
-            const float32x4_t dw[2] = {vcvt_f32_f16(vget_low_f16(hd)), vcvt_high_f32_f16(hd)};
-            int8x16_t x0[B], x1[B];
-            int32x4_t base[B];
-            float dx[B];
-            for (int b = 0; b < B; b++) {
-                x0[b] = vld1q_s8(x[b][i].qs);
-                x1[b] = vld1q_s8(x[b][i].qs + 16);
-                base[b] = vdotq_s32(vdotq_s32(vdupq_n_s32(0), minus8, x0[b]), minus8, x1[b]);
-                dx[b] = fp16_to_fp32_neon(x[b][i].d);
-            }
-            for (int h = 0; h < 2; h++) {
-                int32x4_t s[B][4];
-                for (int k = 0; k < 4; k++) {
-                    const uint8x16_t raw = vld1q_u8(g + q40_group_qs_offset(4 * h + k));
-                    const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(raw, m4));
-                    const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
-                    for (int b = 0; b < B; b++) s[b][k] = vdotq_s32(vdotq_s32(base[b], lo, x0[b]), hi, x1[b]);
-                }
-                for (int b = 0; b < B; b++) {
-                    const int32x4_t rows = vpaddq_s32(vpaddq_s32(s[b][0], s[b][1]), vpaddq_s32(s[b][2], s[b][3]));
-                    acc[h][b] = vfmaq_f32(acc[h][b], vcvtq_f32_s32(rows), vmulq_n_f32(dw[h], dx[b]));
-                }
-            }
-        }
-        for (int b = 0; b < B; b++) {
-            float* yb = y + size_t(b) * y_stride;
-            if (nr == kQ40GroupRows) {
-                vst1q_f32(yb, acc[0][b]);
-                vst1q_f32(yb + 4, acc[1][b]);
-            } else {
-                float out[kQ40GroupRows];
-                vst1q_f32(out, acc[0][b]);
-                vst1q_f32(out + 4, acc[1][b]);
-                for (int r = 0; r < nr; r++) yb[r] = out[r];
-            }
+        if constexpr (B <= kOnePassMaxB) {
+            group_rows<B, 0, 2>(ctx, nb, g, b0, y, y_stride, nr);
+        } else {
+            group_rows<B, 0, 1>(ctx, nb, g, b0, y, y_stride, nr);
+            group_rows<B, 1, 1>(ctx, nb, g, b0, y, y_stride, nr);
         }
     }
 };
 
 void matmul_q40x8_q80_neon(float* y, size_t y_stride, const uint8_t* w, const BlockQ80* x, size_t x_stride_blocks,
                            int n, int r0, int r1, int batch) {
-    matmul_q40_groups<GroupQ40>(PackedCtx{x, x_stride_blocks}, y, y_stride, w, n, r0, r1, batch);
+    const int nb = n / kBlockSize;
+    thread_local std::vector<float> dx;  // d_x of every activation block, once per call
+    dx.resize(size_t(nb) * batch);
+    for (int b = 0; b < batch; b++)
+        for (int i = 0; i < nb; i++) dx[size_t(i) * batch + b] = fp16_to_fp32_neon(x[size_t(b) * x_stride_blocks + i].d);
+    matmul_q40_groups<GroupQ40, PackedCtx, kNeonTileB>(PackedCtx{x, x_stride_blocks, dx.data(), batch}, y, y_stride, w,
+                                                       n, r0, r1, batch);
 }
 
 // f32: R rows x B activation rows, 4 lanes, then the scalar tail.
@@ -307,6 +367,7 @@ const Kernels kNeon = {
     convert_f32_f16_neon,
     matmul_q40x8_q80_neon,
     matmul_f32_neon,
+    pack_q40_groups_lanes,
 };
 
 }  // namespace

@@ -45,24 +45,30 @@ void matmul_tiled(int tile_r, float* y, size_t y_stride, const uint8_t* w, size_
 }
 
 // The walk over a packed Q40 matrix (repack.h): row range [r0, r1), r0 a multiple of 8, one group
-// of 8 rows at a time meeting the batch kMaxTileB rows at a time (the group, 9 KB at 2048
-// columns, stays in L1 between them). A group policy is a struct with
+// of 8 rows at a time meeting the batch MaxB rows at a time (the group, 9 KB at 2048 columns,
+// stays in L1 between them). A group policy is a struct with
 //   template <int B> static void run(const Ctx& ctx, int nb, const uint8_t* group, int b, float* y,
 //                                    size_t y_stride, int nr);
-// computing y[k * y_stride + r] for the group's first nr rows and activation rows b .. b+B-1.
-template <typename Group, typename Ctx>
+// computing y[k * y_stride + r] for the group's first nr rows and activation rows b .. b+B-1,
+// instantiated for B = 1 .. MaxB.
+template <typename Group, typename Ctx, int B>
+void run_group_tile(int nbt, const Ctx& ctx, int nb, const uint8_t* g, int b, float* y, size_t y_stride, int nr) {
+    if constexpr (B > 1) {
+        if (nbt < B) return run_group_tile<Group, Ctx, B - 1>(nbt, ctx, nb, g, b, y, y_stride, nr);
+    }
+    Group::template run<B>(ctx, nb, g, b, y, y_stride, nr);
+}
+
+template <typename Group, typename Ctx, int MaxB = kMaxTileB>
 void matmul_q40_groups(const Ctx& ctx, float* y, size_t y_stride, const uint8_t* w, int n, int r0, int r1,
                        int batch) {
-    using Fn = void (*)(const Ctx&, int, const uint8_t*, int, float*, size_t, int);
-    static constexpr Fn fns[kMaxTileB] = {&Group::template run<1>, &Group::template run<2>,
-                                          &Group::template run<3>, &Group::template run<4>};
     const size_t group_bytes = q40_group_bytes(n);
     for (int r = r0; r < r1; r += kQ40GroupRows) {
         const uint8_t* g = w + size_t(r / kQ40GroupRows) * group_bytes;
         const int nr = r1 - r < kQ40GroupRows ? r1 - r : kQ40GroupRows;
-        for (int b = 0; b < batch; b += kMaxTileB) {
-            const int nbt = batch - b < kMaxTileB ? batch - b : kMaxTileB;
-            fns[nbt - 1](ctx, n / kBlockSize, g, b, y + size_t(b) * y_stride + r, y_stride, nr);
+        for (int b = 0; b < batch; b += MaxB) {
+            const int nbt = batch - b < MaxB ? batch - b : MaxB;
+            run_group_tile<Group, Ctx, MaxB>(nbt, ctx, n / kBlockSize, g, b, y + size_t(b) * y_stride + r, y_stride, nr);
         }
     }
 }

@@ -159,6 +159,28 @@ def test_aarch64_without_dotprod_uses_generic(aarch64_test_kernels: Path) -> Non
     _check_summary(proc.stdout)
 
 
+@pytest.mark.slow
+def test_neon_hot_loops_by_llvm_mca() -> None:
+    """The NEON matmul's loops as llvm-mca reads them (make bench-neon): deterministic for a given
+    compiler and LLVM, so the issue #17 targets hold or a change broke them. N1 model, per
+    144-byte group-block: decode <= 24 cycles, the widest tile <= 14 cycles per token, no tile
+    spilling to the stack."""
+    import bench_neon
+
+    missing = [t for t in (bench_neon.CXX, bench_neon.MCA) if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (make system-deps installs them)")
+    a = bench_neon.analyse([])
+    assert [bench_neon.batch_of(name) for name in a.tiles] == list(range(1, 9))
+    assert all(r.loop_closed for parts in a.tiles.values() for r in parts)
+    spilled = {name: bench_neon.spills_per_group_block(parts) for name, parts in a.tiles.items()}
+    assert not any(spilled.values()), spilled
+    decode = a.readings[a.decode, "neoverse-n1"]
+    prefill = a.readings[a.prefill, "neoverse-n1"]
+    assert decode.cycles <= 24, decode
+    assert prefill.cycles / bench_neon.batch_of(a.prefill) <= 14, prefill
+
+
 # ---------------------------------------------------------------------------------------------
 # the Q40 block format through the extension, against numpy
 

@@ -549,10 +549,11 @@ void matmul_q40_q80_reference(float* y, size_t y_stride, const uint8_t* w, size_
     }
 }
 
-// the whole matrix packed (repack.h), as Transformer::bind packs it across its threads
-AlignedBytes pack_q40(const uint8_t* w, size_t row_stride, int rows, int cols) {
+// the whole matrix packed (repack.h) in a set's layout, as Transformer::bind packs it across its
+// threads
+AlignedBytes pack_q40(PackQ40Fn pack, const uint8_t* w, size_t row_stride, int rows, int cols) {
     AlignedBytes out = alloc_packed_q40(rows, cols);
-    pack_q40_groups(w, row_stride, rows, cols, 0, q40_groups(rows), out.get());
+    pack(w, row_stride, rows, cols, 0, q40_groups(rows), out.get());
     return out;
 }
 
@@ -694,34 +695,59 @@ void test_matmul(const Kernels& k, const Kernels* ref) {
 // packed Q40 (repack.h): the layout, then every set's matmul_q40x8_q80 against the row-major
 // reference (generic's packed kernel bit for bit, the fast ones within kRelTol)
 
-void test_pack_layout() {
+// Every group-block of an 11 x 96 column slice (two groups, the second with 5 padding rows),
+// each row's scale and 32 weights read back through layout(gb, k, j) = the stored nibble of
+// row k's element j, its weight being nibble - 8 in both layouts.
+template <typename Read>
+bool packed_weights_match(PackQ40Fn pack, Read layout, uint8_t padding_nibble, std::string* detail) {
     const int rows = 11, nb = 3, extra = 2, col = 1;  // a column slice: 3 of 5 blocks, from block 1
     std::vector<BlockQ40> wall(size_t(rows) * (nb + extra));
     fill_q40(wall.data(), wall.size());
     const size_t stride = (nb + extra) * sizeof(BlockQ40);
     const uint8_t* w = reinterpret_cast<const uint8_t*>(wall.data() + col);
-    const AlignedBytes p = pack_q40(w, stride, rows, nb * 32);
+    const AlignedBytes p = pack_q40(pack, w, stride, rows, nb * 32);
     bool ok = reinterpret_cast<uintptr_t>(p.get()) % 64 == 0;
-    std::string detail;
     for (int g = 0; g < 2; g++) {
         for (int i = 0; i < nb; i++) {
             const uint8_t* gb = p.get() + g * q40_group_bytes(nb * 32) + i * kQ40GroupBlockBytes;
             for (int k = 0; k < 8; k++) {
                 const int r = 8 * g + k;
-                BlockQ40 want{};  // padding rows: scale +0, nibbles 0
-                if (r < rows) want = *reinterpret_cast<const BlockQ40*>(w + r * stride + i * sizeof(BlockQ40));
+                const BlockQ40* want = r < rows ? reinterpret_cast<const BlockQ40*>(w + r * stride + i * sizeof(BlockQ40)) : nullptr;
                 uint16_t d;
                 std::memcpy(&d, gb + 2 * k, 2);
-                const bool same = d == want.d && std::memcmp(gb + q40_group_qs_offset(k), want.qs, 16) == 0;
-                if (!same && detail.empty()) detail = fmt("group %d block %d row %d", g, i, k);
+                bool same = d == (want ? want->d : 0);
+                for (int j = 0; j < 32; j++) {
+                    const int nibble = want ? (j < 16 ? want->qs[j] & 0x0F : want->qs[j - 16] >> 4) : padding_nibble;
+                    same = same && layout(gb, k, j) == nibble;
+                }
+                if (!same && detail->empty()) *detail = fmt("group %d block %d row %d", g, i, k);
                 ok = ok && same;
             }
         }
     }
+    return ok;
+}
+
+void test_pack_layout() {
+    std::string detail;
+    bool ok = packed_weights_match(pack_q40_groups, [](const uint8_t* gb, int k, int j) {
+        const uint8_t byte = gb[q40_group_qs_offset(k) + j % 16];
+        return j < 16 ? byte & 0x0F : byte >> 4;
+    }, 0, &detail);
     // slot order: rows 0 4 1 5 2 6 3 7 after the 16 bytes of scales
     const int slots[8] = {0, 4, 1, 5, 2, 6, 3, 7};
     for (int s = 0; s < 8; s++) ok = ok && q40_group_qs_offset(slots[s]) == 16 + 16 * s;
-    check(ok, "pack_q40: 64-byte aligned, scales then nibbles in slot order, zero padding rows", detail);
+    check(ok, "pack_q40_groups: 64-byte aligned, scales then nibbles in slot order, zero padding rows", detail);
+
+    detail.clear();
+    // element j of row k: run 4h + c, h = k / 4, c = (j % 16) / 4, byte 4 (k % 4) + j % 4, the
+    // low nibble for j < 16, stored XOR 8
+    ok = packed_weights_match(pack_q40_groups_lanes, [](const uint8_t* gb, int k, int j) {
+        const uint8_t byte = gb[q40_lanes_run_offset(k / 4, (j % 16) / 4) + 4 * (k % 4) + j % 4];
+        return (j < 16 ? byte & 0x0F : byte >> 4) ^ 8;
+    }, 8, &detail);
+    check(ok, "pack_q40_groups_lanes: 64-byte aligned, scales then 4-byte lanes of 4 rows, nibbles ^ 8, padding weights 0",
+          detail);
 }
 
 struct PackedCase {
@@ -735,7 +761,7 @@ bool run_matmul_packed(const Kernels& k, const PackedCase& c, bool exact, double
     std::vector<BlockQ40> wall(size_t(c.rows) * (nb + c.w_extra));
     fill_q40(wall.data(), wall.size());
     const uint8_t* w = reinterpret_cast<const uint8_t*>(wall.data() + c.w_col);
-    const AlignedBytes packed = pack_q40(w, w_stride, c.rows, c.n);
+    const AlignedBytes packed = pack_q40(k.pack_q40, w, w_stride, c.rows, c.n);
     const size_t x_stride = nb + 1, y_stride = c.rows + 3;
     std::vector<BlockQ80> x(size_t(c.batch) * x_stride);
     fill_q80(x.data(), x.size());
@@ -817,7 +843,7 @@ void time_set(const Kernels& k) {
     const double wbytes = double(w.size() * sizeof(BlockQ40));
     const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data());
     const size_t ws = nb * sizeof(BlockQ40);
-    const AlignedBytes packed = pack_q40(wp, ws, rows, n);
+    const AlignedBytes packed = pack_q40(k.pack_q40, wp, ws, rows, n);
     const double p1 = best_seconds([&] { k.matmul_q40x8_q80(y.data(), rows, packed.get(), x.data(), nb, n, 0, rows, 1); });
     const double p16 = best_seconds([&] { k.matmul_q40x8_q80(y.data(), rows, packed.get(), x.data(), nb, n, 0, rows, 16); });
     std::vector<float> wf(size_t(rows) * n), xf(n);

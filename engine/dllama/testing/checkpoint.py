@@ -46,6 +46,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
                   intermediate_size=6144, num_hidden_layers=8, vocab_size=151936,
                   max_position_embeddings=40960),
+    # bench's residual width (so the same all-reduce payloads), everything else as small as 8
+    # nodes can split: the cluster's sync with next to no compute (make bench-cluster)
+    "sync": dict(hidden_size=2048, num_attention_heads=8, num_key_value_heads=8, head_dim=32,
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+                 intermediate_size=256, num_hidden_layers=8, vocab_size=4096,
+                 max_position_embeddings=40960),
 }
 # Llama 3 defaults: head_dim = hidden_size / heads in the tiny preset, rope scaling on request.
 LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
