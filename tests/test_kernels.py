@@ -26,6 +26,9 @@ NATIVE = ROOT / "native"
 TOOLCHAIN = NATIVE / "cmake" / "aarch64-linux-gnu.cmake"
 BUILD_JOBS = "2"
 SUMMARY_OK = "0 failed"
+# One xdist worker builds the native test binaries (`--dist loadgroup`): two would compile in the
+# same build/native-tests-* trees at once.
+pytestmark = pytest.mark.xdist_group("native-builds")
 
 
 # ---------------------------------------------------------------------------------------------

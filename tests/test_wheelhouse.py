@@ -33,7 +33,9 @@ KERNELS = {"x86_64": "avx2", "aarch64": "neon"}  # what the CPUs of `qemu-ARCH -
 GLIBC = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1",
          "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
 
-pytestmark = pytest.mark.slow
+# One xdist worker builds the wheelhouse (`--dist loadgroup`): two would compile in the same trees
+# of build/wheelhouse at once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheelhouse")]
 
 
 def split(kind: str) -> tuple[str, str]:

@@ -627,7 +627,9 @@ def new_model_restarts_the_api(run: Run) -> None:
     data = bytearray((MODEL / "tiny-qwen3-f32.m").read_bytes())
     data[-4] ^= 1  # the lowest mantissa bit of the last weight: another file, as good a model
     model.write_bytes(data)
-    site = run.playbook + ["site.yml", "--tags", "model,api", "--skip-tags", "preflight",
+    # the root alone: the model and api roles run nowhere else (the API's worker list comes from the
+    # inventory, not from the workers' facts)
+    site = run.playbook + ["site.yml", "--tags", "model,api", "--skip-tags", "preflight", "--limit", VMS[0].name,
                            "-e", f"dllama_model_src={model}"]
     before = api_started_at(run.cluster)
     rc, _ = run_logged(netns_exec(site), RUN / "site-new-model.log", env=run.env)
