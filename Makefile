@@ -60,14 +60,14 @@ demo: install
 test: system-deps install
 	@mkdir -p $(OUT)
 	$(PY) tests/vm/run_e2e.py --images-only >$(OUT)/e2e-images.log 2>&1 & images=$$!; \
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests; unit=$$?; \
+	$(PY) -m pytest -q -n 2 tests; unit=$$?; \
 	wait $$images; built=$$?; cat $(OUT)/e2e-images.log; \
 	[ $$unit -eq 0 ] && [ $$built -eq 0 ]
 	$(PY) tests/vm/run_e2e.py $(E2E_ARGS)
 
 # The tests that need no VMs (a few minutes).
 unit: system-deps install
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench: install
 	$(PY) tests/bench.py --nthreads $(NTHREADS)

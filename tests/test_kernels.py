@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from build_lock import exclusive
 from q40_numpy import dequantize_q40_numpy, quantize_q40_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +27,6 @@ NATIVE = ROOT / "native"
 TOOLCHAIN = NATIVE / "cmake" / "aarch64-linux-gnu.cmake"
 BUILD_JOBS = "2"
 SUMMARY_OK = "0 failed"
-# One xdist worker builds the native test binaries (`--dist loadgroup`): two would compile in the
-# same build/native-tests-* trees at once.
-pytestmark = pytest.mark.xdist_group("native-builds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +55,11 @@ def _tail(text: str, lines: int = 60) -> str:
 
 def _build_test_kernels(build_dir: Path, *cmake_args: str) -> Path:
     """Configure and build only the test_kernels target; incremental when the directory exists."""
+    with exclusive(build_dir):  # both xdist workers may build the same tree
+        return _configure_and_build(build_dir, *cmake_args)
+
+
+def _configure_and_build(build_dir: Path, *cmake_args: str) -> Path:
     _run(
         [
             "cmake",

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from build_lock import exclusive
 
 ROOT = Path(__file__).resolve().parent.parent
 # Debian's Python headers and Pythons: the default cache of `make wheelhouse`, downloaded once.
@@ -33,9 +34,7 @@ KERNELS = {"x86_64": "avx2", "aarch64": "neon"}  # what the CPUs of `qemu-ARCH -
 GLIBC = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1",
          "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
 
-# One xdist worker builds the wheelhouse (`--dist loadgroup`): two would compile in the same trees
-# of build/wheelhouse at once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheelhouse")]
+pytestmark = pytest.mark.slow
 
 
 def split(kind: str) -> tuple[str, str]:
@@ -48,7 +47,8 @@ def make_wheelhouse(out: Path, build: Path, **variables: str) -> None:
     args = ["make", "--no-print-directory", "-C", str(ROOT), "wheelhouse", f"WHEELHOUSE={out}",
             f"WHEELHOUSE_BUILD={build}", f"WHEELHOUSE_HEADERS={CACHE / 'python-headers'}",
             f"SOURCE_DATE_EPOCH={EPOCH}"] + [f"{k}={v}" for k, v in variables.items()]
-    run = subprocess.run(args, capture_output=True, text=True)
+    with exclusive(build):  # both xdist workers may build into CACHE
+        run = subprocess.run(args, capture_output=True, text=True)
     assert run.returncode == 0, f"{' '.join(args)}\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
 
 
