@@ -60,7 +60,7 @@ demo: install
 test: system-deps install
 	@mkdir -p $(OUT)
 	$(PY) tests/vm/run_e2e.py --images-only >$(OUT)/e2e-images.log 2>&1 & images=$$!; \
-	$(PY) -m pytest -q -n 2 tests; unit=$$?; \
+	$(PY) -m pytest -q -n 2 --durations=15 tests; unit=$$?; \
 	wait $$images; built=$$?; cat $(OUT)/e2e-images.log; \
 	[ $$unit -eq 0 ] && [ $$built -eq 0 ]
 	$(PY) tests/vm/run_e2e.py $(E2E_ARGS)

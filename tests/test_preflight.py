@@ -195,6 +195,19 @@ def test_the_kinds_make_wheelhouse_builds_are_the_engine_role_s():
     assert set(rules.wheel_kinds()) >= {"x86_64-cp311", "aarch64-cp311", "aarch64-cp313"}
 
 
+def test_a_run_limited_to_a_worker_passes_and_leaves_the_memory_plan_to_the_root(tmp_path):
+    # site.yml --limit WORKER (a board added back): the root's model is not read, and the warning
+    # says why rather than claiming the groups are wrong
+    wheelhouse = tmp_path / "out" / "wheelhouse"
+    wheelhouse.mkdir(parents=True)
+    (wheelhouse / "x86_64-cp311.tar").touch()
+    worker = board("w", links(("eth0", 9216)), address="10.0.0.3", wheelhouse=str(wheelhouse), mtu=9000,
+                   interface="eth0")
+    report = rules.preflight_report([worker], {"root": ["r"], "workers": ["w"], "cluster": ["r", "w"]}, tmp_path)
+    assert report["problems"] == []
+    assert report["warnings"] == ["memory and disk not checked: the root (r) is not in this run (--limit)"]
+
+
 def test_an_unreachable_node_is_a_problem_with_ssh_s_complaint():
     mitogen = {"unreachable": True, "msg": "Task failed: EOF on stream; last 100 lines received:\n"
                                            "ssh: connect to host 10.0.0.1 port 22: No route to host"}

@@ -528,6 +528,9 @@ def preflight_report(nodes, groups, repo_dir=None) -> dict:
                 line = disk_problem(root, model["header"], model["name"], str(root.get("model_path") or ""))
                 if line:
                     problems.append(line)
+    elif len(groups.get("root") or []) == 1:
+        # site.yml --limit without the root (a board added back): the model's plan is the root's
+        warnings.append(f"memory and disk not checked: the root ({groups['root'][0]}) is not in this run (--limit)")
     else:
         warnings.append("memory and disk not checked: they need exactly one root node")
     summary = (f"Preflight found {len(problems)} problem{'s' if len(problems) != 1 else ''}:\n"
