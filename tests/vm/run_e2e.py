@@ -309,6 +309,7 @@ class Run:
     cluster: Cluster | None = None  # once created, torn down whatever happens
     how: str = "?"  # "resumed" (the booted snapshot) or how the VMs came up otherwise
     playbook: list = field(default_factory=list)  # ansible-playbook -i INVENTORY
+    api_started: int = 0  # dllama-api's start (api_started_at) after the new model restarted it
 
 
 def parse_args() -> argparse.Namespace:
@@ -449,8 +450,9 @@ def provision(run: Run) -> None:
     inventory = write_inventory(run.cluster, run.control_dir)
     run.env["DLLAMA_INFRA_INVENTORY"] = str(inventory)
     run.playbook = [VENV_BIN / "ansible-playbook", "-i", inventory]
-    preflight_stops_a_bad_inventory(run, inventory)
-    site_check_mode(run)
+    # Side by side: both change nothing (the preflight stops the bad inventory before any role),
+    # and the bad inventory's run mostly waits for the node that is not there.
+    side_by_side(lambda: preflight_stops_a_bad_inventory(run, inventory), lambda: site_check_mode(run))
     site_first_run(run)
 
 
@@ -489,8 +491,8 @@ def site_first_run(run: Run) -> None:
 def verify(run: Run) -> None:
     testinfra_while_the_api_starts(run)
     testinfra_of_the_api(run)
-    site_second_run_changes_nothing(run)
-    health_playbook(run)
+    # Side by side: health.yml only reads, so the second run must still change nothing.
+    side_by_side(lambda: site_second_run_changes_nothing(run), lambda: health_playbook(run))
     # Side by side: each keeps its own guest busy (an arm64 boot under emulation, an install on
     # an x86 worker), and neither touches the other's node.
     side_by_side(*[lambda vm=vm: reboot_phase(run, vm) for vm in VMS if vm.arch != "x86_64"],
@@ -634,11 +636,16 @@ def summary(total: float, how: str, passed: bool, enforce_budget: bool) -> bool:
 
 
 def exposure_and_restarts(run: Run) -> None:
+    site = new_model_restarts_the_api(run)
+    # Side by side: the run after the new model must change nothing (so dllama-api keeps serving
+    # while the stranger knocks), and the exposure checks only knock.
+    side_by_side(lambda: exposure(run), lambda: new_model_changes_nothing_after(run, site))
+
+
+def exposure(run: Run) -> None:
     with phase("exposure: from a non-peer namespace the worker and mesh ports are closed, the API wants its key"):
         run_checks(PYTEST, ["tests/infra/test_infra_exposure.py"], RUN / "exposure.log", run.env,
                    "the exposure checks failed")
-    with phase("a new model file: site.yml --tags model,api restarts dllama-api; the run after changes nothing"):
-        new_model_restarts_the_api(run)
 
 
 def api_started_at(cluster: Cluster) -> int:
@@ -647,7 +654,13 @@ def api_started_at(cluster: Cluster) -> int:
                            "dllama-api").stdout.strip())
 
 
-def new_model_restarts_the_api(run: Run) -> None:
+def new_model_restarts_the_api(run: Run) -> list:
+    """site.yml with a new model file restarts dllama-api; returns the command (for the run after)."""
+    with phase("a new model file: site.yml --tags model,api restarts dllama-api"):
+        return _new_model(run)
+
+
+def _new_model(run: Run) -> list:
     import hashlib
 
     model = MODEL / "tiny-qwen3-f32-nudged.m"
@@ -670,11 +683,18 @@ def new_model_restarts_the_api(run: Run) -> None:
     if hashlib.sha256(data).hexdigest() not in environment:
         raise Failed("dllama-api's unit does not carry the new model's checksum")
     wait_for_api(run.cluster, API_START_TIMEOUT_S)
-    rc, out = run_logged(netns_exec(site), RUN / "site-new-model-2.log", env=run.env)
-    hosts = recap(out)
-    say("    " + changed_summary(hosts))
-    if rc != 0 or any(r.get("changed", 1) != 0 for r in hosts.values()) or api_started_at(run.cluster) != restarted:
-        raise Failed(f"the run after the new model changed something or restarted dllama-api again: {hosts}")
+    run.api_started = restarted
+    return site
+
+
+def new_model_changes_nothing_after(run: Run, site: list) -> None:
+    with phase("the run after the new model changes nothing and leaves dllama-api running"):
+        rc, out = run_logged(netns_exec(site), RUN / "site-new-model-2.log", env=run.env)
+        hosts = recap(out)
+        say("    " + changed_summary(hosts))
+        if rc != 0 or any(r.get("changed", 1) != 0 for r in hosts.values()) \
+                or api_started_at(run.cluster) != run.api_started:
+            raise Failed(f"the run after the new model changed something or restarted dllama-api again: {hosts}")
 
 
 # the address switch with a way back (roles/network/tasks/switch.yml), last in verify():
@@ -714,9 +734,9 @@ def address_switch_with_a_way_back(run: Run) -> None:
     with phase("address switch: an unreachable new address reverts, the run names the board"):
         # shorter than the defaults (60 s, 90 s): the way is the same, the wait is not what is tested
         out = _switch_run(run, unroutable, "switch-unreachable.log", expect_failure=True,
-                          extra=["-e", "network_wait_timeout=20", "-e", "network_revert_after=50"])
+                          extra=["-e", "network_wait_timeout=10", "-e", "network_revert_after=40"])
         for vm in vms:
-            said = f"{vm.name} did not answer at {unroutable[vm.name]} within 20 s"
+            said = f"{vm.name} did not answer at {unroutable[vm.name]} within 10 s"
             back = f"and answers at {moved[vm.name]} again"
             if said not in out or back not in out:
                 raise Failed(f"the failed switch did not say {said!r} ... {back!r} (see {RUN / 'switch-unreachable.log'})")
