@@ -55,21 +55,22 @@ demo: install
 
 # Everything: the unit and integration tests, then the appliance end to end on 4 VMs (root; under
 # software emulation ~30 min with the images and a booted snapshot cached, ~20 more the first time).
-# The wheelhouse compiles while pip installs the rest (the compilers' work beside mostly the
-# network's): the unit tests' wheelhouse and the e2e's then find its compile trees warm. The VM
-# images (the arm64 one: ~16 min cold, mostly one core's work under qemu-user) are built while the
-# unit tests run (three at a time on the 2 cores, one file per worker, the longest files first:
-# pytest-xdist, tests/conftest.py); their log is shown after the tests.
+# The wheelhouse compiles from the start, while pip installs the rest and then while the unit tests
+# run, under the lock its compile trees take in the tests (tests/build_lock.py): the unit tests'
+# wheelhouse waits for it and then finds the trees warm, and so does the e2e's. The VM images (the
+# arm64 one: ~16 min cold, mostly one core's work under qemu-user) are built while the unit tests
+# run (three at a time on the 2 cores, one file per worker, the longest files first: pytest-xdist,
+# tests/conftest.py). Their logs follow the tests (the wheelhouse's when it failed).
+WHEELHOUSE_LOCK = $(dir $(WHEELHOUSE_BUILD)).$(notdir $(WHEELHOUSE_BUILD)).lock
 test: system-deps $(VENV)/.build-deps
-	@mkdir -p $(OUT)
-	$(MAKE) --no-print-directory wheelhouse >$(OUT)/wheelhouse.log 2>&1 & wheelhouse=$$!; \
-	$(MAKE) --no-print-directory install; installed=$$?; \
-	wait $$wheelhouse; built=$$?; [ $$built -eq 0 ] || cat $(OUT)/wheelhouse.log; \
-	[ $$installed -eq 0 ] && [ $$built -eq 0 ]
+	@mkdir -p $(OUT) $(dir $(WHEELHOUSE_BUILD))
+	flock $(WHEELHOUSE_LOCK) $(MAKE) --no-print-directory wheelhouse >$(OUT)/wheelhouse.log 2>&1 & wheelhouse=$$!; \
+	$(MAKE) --no-print-directory install || { kill $$wheelhouse; exit 1; }; \
 	$(PY) tests/vm/run_e2e.py --images-only >$(OUT)/e2e-images.log 2>&1 & images=$$!; \
 	$(PY) -m pytest -q -n 3 --dist loadfile --durations=15 tests; unit=$$?; \
+	wait $$wheelhouse; wheels=$$?; [ $$wheels -eq 0 ] || cat $(OUT)/wheelhouse.log; \
 	wait $$images; built=$$?; cat $(OUT)/e2e-images.log; \
-	[ $$unit -eq 0 ] && [ $$built -eq 0 ]
+	[ $$unit -eq 0 ] && [ $$wheels -eq 0 ] && [ $$built -eq 0 ]
 	$(PY) tests/vm/run_e2e.py $(E2E_ARGS)
 
 # The tests that need no VMs (a few minutes).
