@@ -158,7 +158,7 @@ void Transformer::run_matmuls(const MatmulJob* jobs, int n_jobs) {
     // restarted at every matrix costs its prefetch warm-up), and uneven batches (experts
     // chosen by more prompt tokens) still balance.
     int64_t total = 0;
-    for (int j = 0; j < n_jobs; j++) total += (int64_t)jobs[j].w->rows * (jobs[j].batch + 1) * (jobs[j].batch > 0);
+    for (int j = 0; j < n_jobs; j++) total += (int64_t)jobs[j].rows() * (jobs[j].batch + 1) * (jobs[j].batch > 0);
     pool_.run([&](int t, int nt) {
         const int64_t begin = total * t / nt, end = total * (t + 1) / nt;
         int64_t at = 0;
@@ -166,13 +166,14 @@ void Transformer::run_matmuls(const MatmulJob* jobs, int n_jobs) {
             const MatmulJob& job = jobs[j];
             const Tensor& w = *job.w;
             if (job.batch == 0) continue;
-            const int64_t per_row = job.batch + 1, size = (int64_t)w.rows * per_row;
+            const int rows = job.rows();
+            const int64_t per_row = job.batch + 1, size = (int64_t)rows * per_row;
             if (at + size > begin) {
                 // this job's rows inside [begin, end), rounded to whole groups of 8 rows (a
                 // packed group is written by one thread; the f32 tiles are 4 rows or fewer)
                 auto row_at = [&](int64_t pos) {
                     const int64_t r = (std::clamp(pos, at, at + size) - at + per_row - 1) / per_row;
-                    return r >= w.rows ? w.rows : (int)(r / kQ40GroupRows * kQ40GroupRows);
+                    return job.r0 + (r >= rows ? rows : (int)(r / kQ40GroupRows * kQ40GroupRows));
                 };
                 const int r0 = row_at(begin), r1 = row_at(end);
                 if (r0 < r1) {
@@ -204,8 +205,16 @@ const void* Transformer::matmul_input(const float* x, BlockQ80* xq, int rows, in
     return xq;
 }
 
-void Transformer::sync(float* x, int n) {
-    if (all_reduce_) all_reduce_->sum(x, n, config_.dim);
+template <typename Produce>
+void Transformer::produce_and_sync(int n, Produce&& produce) {
+    const int dim = config_.dim;
+    const int step = all_reduce_ ? std::clamp(all_reduce_->piece(n, dim), 1, dim) : dim;
+    for (int c0 = 0; c0 < dim; c0 += step) {
+        const int c1 = std::min(dim, c0 + step);
+        produce(c0, c1);
+        if (all_reduce_) all_reduce_->ready(part_.data(), n, dim, c1);
+    }
+    if (all_reduce_) all_reduce_->sum(part_.data(), n, dim);
 }
 
 void Transformer::check_step(const StepEntry* entries, int n_entries, const int* tokens) const {
@@ -283,15 +292,13 @@ void Transformer::forward_chunk(int n, const std::vector<int>& out_rows, float* 
         const LayerWeights& L = weights_.layers[l];
         // attention block: x += wo(attention(norm(x)))
         for (int b = 0; b < n; b++) rmsnorm(&xb_[b * dim], &x_[b * dim], L.attn_norm.f32(), c.dim, c.norm_eps);
-        attention(l, n);
-        sync(part_.data(), n);
+        attention(l, n);  // part_: this node's share of the update, summed across the nodes
         for (size_t i = 0; i < n * dim; i++) x_[i] += part_[i];
 
         // feed-forward block: x += ffn(norm(x))
         for (int b = 0; b < n; b++) rmsnorm(&xb_[b * dim], &x_[b * dim], L.ffn_norm.f32(), c.dim, c.norm_eps);
         if (c.is_moe()) moe_ffn(l, n);
         else dense_ffn(l, n);
-        sync(part_.data(), n);
         for (size_t i = 0; i < n * dim; i++) x_[i] += part_[i];
     }
 
@@ -380,8 +387,10 @@ void Transformer::attention(int l, int n) {
 
     // output projection: this node's heads' share of the residual update
     const void* ain = matmul_input(att_.data(), attq_.data(), n, q_dim_);
-    MatmulJob o{&L.wo, part_.data(), ain, n};
-    run_matmuls(&o, 1);
+    produce_and_sync(n, [&](int c0, int c1) {
+        const MatmulJob o{&L.wo, part_.data(), ain, n, c0, c1};
+        run_matmuls(&o, 1);
+    });
 }
 
 void Transformer::dense_ffn(int l, int n) {
@@ -396,8 +405,10 @@ void Transformer::dense_ffn(int l, int n) {
         silu_mul(h, h, &h3_[(size_t)b * hidden], hidden);
     });
     const void* hin = matmul_input(h1_.data(), hq_.data(), n, hidden);
-    MatmulJob down{&L.down, part_.data(), hin, n};
-    run_matmuls(&down, 1);
+    produce_and_sync(n, [&](int c0, int c1) {
+        const MatmulJob down{&L.down, part_.data(), hin, n, c0, c1};
+        run_matmuls(&down, 1);
+    });
 }
 
 // w2(silu(w1 x) * w3 x) of the k experts the router picks for each token, weighted by its
@@ -407,8 +418,16 @@ void Transformer::moe_ffn(int l, int n) {
     std::vector<int> count(config_.n_experts, 0);
     route(L, n, count);
     const std::vector<int> offset = group_by_expert(n, count);
-    run_experts(L, n, count, offset);
-    combine_experts(n);
+    std::vector<MatmulJob> down = run_experts(L, n, count, offset);
+    // a piece of the output is complete over all the step's experts before it is handed on
+    produce_and_sync(n, [&](int c0, int c1) {
+        for (MatmulJob& job : down) {
+            job.r0 = c0;
+            job.r1 = c1;
+        }
+        run_matmuls(down.data(), (int)down.size());
+        combine_experts(n, c0, c1);
+    });
 }
 
 // router: softmax over all experts, keep the top k, renormalise their probabilities; count[e]
@@ -461,10 +480,10 @@ std::vector<int> Transformer::group_by_expert(int n, const std::vector<int>& cou
     return offset;
 }
 
-// every chosen expert over its rows of the grouped buffers: silu(w1 x) * w3 x, then w2 of it
-// into eout_
-void Transformer::run_experts(const LayerWeights& L, int n, const std::vector<int>& count,
-                              const std::vector<int>& offset) {
+// every chosen expert over its rows of the grouped buffers: silu(w1 x) * w3 x; returns the jobs
+// of w2 of it into eout_ (all of their rows), for the caller to run
+std::vector<Transformer::MatmulJob> Transformer::run_experts(const LayerWeights& L, int n, const std::vector<int>& count,
+                                                             const std::vector<int>& offset) {
     const int E = config_.n_experts, k = config_.n_active_experts, hidden = moe_dim_;
     const size_t dim = config_.dim, blocks = dim / kBlockSize;
     const bool quantized = config_.weight_type == FloatType::Q40;
@@ -495,20 +514,21 @@ void Transformer::run_experts(const LayerWeights& L, int n, const std::vector<in
                                   : (const void*)(static_cast<const float*>(hin) + offset[e] * hstride);
         jobs.push_back({&L.experts[e].down, &eout_[(size_t)offset[e] * dim], x, count[e]});
     }
-    run_matmuls(jobs.data(), (int)jobs.size());
+    return jobs;
 }
 
-// each token's k expert outputs weighted by its renormalised router probabilities, into part_
-void Transformer::combine_experts(int n) {
+// each token's k expert outputs weighted by its renormalised router probabilities, into
+// part_'s columns [c0, c1)
+void Transformer::combine_experts(int n, int c0, int c1) {
     const Kernels& kern = kernels();
     const int k = config_.n_active_experts;
     const size_t dim = config_.dim;
     pool_.for_chunks(n, [&](int b) {
-        float* out = &part_[b * dim];
-        std::memset(out, 0, dim * sizeof(float));
+        float* out = &part_[b * dim + c0];
+        std::memset(out, 0, (c1 - c0) * sizeof(float));
         for (int j = 0; j < k; j++) {
             const int a = b * k + j;
-            kern.vec_mad_f32(config_.dim, out, &eout_[(size_t)route_slot_[a] * dim], route_weight_[a]);
+            kern.vec_mad_f32(c1 - c0, out, &eout_[(size_t)route_slot_[a] * dim + c0], route_weight_[a]);
         }
     });
 }

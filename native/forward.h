@@ -11,10 +11,15 @@
 namespace dllama {
 
 // The cluster's hook: sums a [batch, dim] buffer of partial results across all nodes, in
-// place. A single node has none.
+// place. A single node has none. The producer of the partial may finish it `piece` columns
+// at a time and hand each piece over as it is done (ready, columns [0, end) final in every
+// row, end growing), so the sum's traffic starts while the rest is computed; then sum.
 class AllReduce {
 public:
     virtual ~AllReduce() = default;
+    // a multiple of 32 columns, or dim: the whole partial at once
+    virtual int piece(int /*batch*/, int dim) const { return dim; }
+    virtual void ready(const float* /*x*/, int /*batch*/, int /*dim*/, int /*end*/) {}
     virtual void sum(float* x, int batch, int dim) = 0;
 };
 
@@ -71,6 +76,8 @@ private:
         float* y;        // [batch, w->rows]
         const void* x;   // [batch, w->cols]: Q80 blocks for Q40 weights, F32 otherwise
         int batch;
+        int r0 = 0, r1 = -1;  // the output rows computed (-1: to the last); r0 a multiple of 8
+        int rows() const { return (r1 < 0 ? w->rows : r1) - r0; }
     };
     void run_matmuls(const MatmulJob* jobs, int n_jobs);
     // The activation a matmul over a weight of the model's type reads: F32 rows for F32
@@ -91,9 +98,13 @@ private:
     // moe_ffn's steps
     void route(const LayerWeights& L, int n, std::vector<int>& count);
     std::vector<int> group_by_expert(int n, const std::vector<int>& count);
-    void run_experts(const LayerWeights& L, int n, const std::vector<int>& count, const std::vector<int>& offset);
-    void combine_experts(int n);
-    void sync(float* x, int n);
+    std::vector<MatmulJob> run_experts(const LayerWeights& L, int n, const std::vector<int>& count,
+                                       const std::vector<int>& offset);
+    void combine_experts(int n, int c0, int c1);
+    // part_'s n rows, made by produce(c0, c1) one piece of columns [c0, c1) at a time as the
+    // all-reduce asks (each handed to it when done), then summed across the nodes
+    template <typename Produce>
+    void produce_and_sync(int n, Produce&& produce);
 
     ModelConfig config_;
     SlicePlan plan_;
