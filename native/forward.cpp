@@ -418,7 +418,7 @@ void Transformer::moe_ffn(int l, int n) {
     std::vector<int> count(config_.n_experts, 0);
     route(L, n, count);
     const std::vector<int> offset = group_by_expert(n, count);
-    std::vector<MatmulJob> down = run_experts(L, n, count, offset);
+    std::vector<MatmulJob> down = run_gate_up(L, n, count, offset);
     // a piece of the output is complete over all the step's experts before it is handed on
     produce_and_sync(n, [&](int c0, int c1) {
         for (MatmulJob& job : down) {
@@ -482,7 +482,7 @@ std::vector<int> Transformer::group_by_expert(int n, const std::vector<int>& cou
 
 // every chosen expert over its rows of the grouped buffers: silu(w1 x) * w3 x; returns the jobs
 // of w2 of it into eout_ (all of their rows), for the caller to run
-std::vector<Transformer::MatmulJob> Transformer::run_experts(const LayerWeights& L, int n, const std::vector<int>& count,
+std::vector<Transformer::MatmulJob> Transformer::run_gate_up(const LayerWeights& L, int n, const std::vector<int>& count,
                                                              const std::vector<int>& offset) {
     const int E = config_.n_experts, k = config_.n_active_experts, hidden = moe_dim_;
     const size_t dim = config_.dim, blocks = dim / kBlockSize;

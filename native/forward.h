@@ -98,7 +98,7 @@ private:
     // moe_ffn's steps
     void route(const LayerWeights& L, int n, std::vector<int>& count);
     std::vector<int> group_by_expert(int n, const std::vector<int>& count);
-    std::vector<MatmulJob> run_experts(const LayerWeights& L, int n, const std::vector<int>& count,
+    std::vector<MatmulJob> run_gate_up(const LayerWeights& L, int n, const std::vector<int>& count,
                                        const std::vector<int>& offset);
     void combine_experts(int n, int c0, int c1);
     // part_'s n rows, made by produce(c0, c1) one piece of columns [c0, c1) at a time as the
