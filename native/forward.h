@@ -11,9 +11,9 @@
 namespace dllama {
 
 // The cluster's hook: sums a [batch, dim] buffer of partial results across all nodes, in
-// place. A single node has none. The producer of the partial may finish it `piece` columns
-// at a time and hand each piece over as it is done (ready, columns [0, end) final in every
-// row, end growing), so the sum's traffic starts while the rest is computed; then sum.
+// place. A single node has none. The producer of a one-token partial may finish it `piece`
+// columns at a time and hand each piece over as it is done (ready, columns [0, end) final,
+// end growing), so the sum's traffic starts while the rest is computed; then sum.
 class AllReduce {
 public:
     virtual ~AllReduce() = default;
@@ -80,6 +80,8 @@ private:
         int rows() const { return (r1 < 0 ? w->rows : r1) - r0; }
     };
     void run_matmuls(const MatmulJob* jobs, int n_jobs);
+    // thread t's share (of nt) of run_matmuls' work
+    static void matmul_share(const MatmulJob* jobs, int n_jobs, int t, int nt);
     // The activation a matmul over a weight of the model's type reads: F32 rows for F32
     // weights, their Q80 copy (made here, in parallel) for Q40 weights.
     const void* matmul_input(const float* x, BlockQ80* xq, int rows, int cols);
@@ -100,11 +102,13 @@ private:
     std::vector<int> group_by_expert(int n, const std::vector<int>& count);
     std::vector<MatmulJob> run_gate_up(const LayerWeights& L, int n, const std::vector<int>& count,
                                        const std::vector<int>& offset);
+    // (in the pool's threads when a token's partial goes in pieces: n = 1 then, and it runs inline)
     void combine_experts(int n, int c0, int c1);
-    // part_'s n rows, made by produce(c0, c1) one piece of columns [c0, c1) at a time as the
-    // all-reduce asks (each handed to it when done), then summed across the nodes
-    template <typename Produce>
-    void produce_and_sync(int n, Produce&& produce);
+    // part_'s n rows: the jobs (their rows are part_'s columns), then finish(c0, c1) over the
+    // columns, in the pieces the all-reduce asks for (each handed to it once finished), then
+    // summed across the nodes
+    template <typename Finish>
+    void project_and_sync(const MatmulJob* jobs, int n_jobs, int n, Finish&& finish);
 
     ModelConfig config_;
     SlicePlan plan_;

@@ -97,9 +97,10 @@ def test_a_cluster_reports_sync_time_and_traffic(models):
 def test_a_decode_tokens_partials_leave_while_their_matmul_runs(models, arch, buffer):
     # a one-token step hands each all-reduce's partial to the mesh a piece at a time (the tiny
     # models' 64-wide residual: 2 pieces), and what the idle sockets take of the first piece
-    # leaves before the second is computed; a prompt's rows interleave the pieces: one piece
-    with Workers(2) as workers, Engine(models[arch], nthreads=1, max_seq_len=64, buffer_float_type=buffer,
-                                        workers=workers.addresses, progress=False) as engine:
+    # leaves before the second is computed; a prompt's rows interleave the pieces: one piece.
+    # 2 threads a node: a piece is handed on by whichever thread completes it
+    with Workers(2, nthreads=2) as workers, Engine(models[arch], nthreads=2, max_seq_len=64, buffer_float_type=buffer,
+                                                   workers=workers.addresses, progress=False) as engine:
         engine.forward(PROMPT)
         prompt = engine.stats()
         engine.forward([PROMPT[0]])
