@@ -515,7 +515,9 @@ def reboot_phase(run: Run, vm) -> None:
 
 def side_by_side(*steps) -> None:
     """Runs each step in a thread of its own and waits for all of them; the first failure is
-    raised here (the others still finish: their nodes are left in a known state)."""
+    raised here (the others still finish: their nodes are left in a known state). Only for steps
+    on different guests: two runs against the same guests side by side are slower than one after
+    the other (each guest's one emulated core is what both wait for)."""
     outcomes: list[object] = [None] * len(steps)
 
     def run_step(i, step):
@@ -633,8 +635,6 @@ def summary(total: float, how: str, passed: bool, enforce_budget: bool) -> bool:
 # (last: it restarts dllama-api and leaves it serving another model)
 
 
-# (Two runs against the same guests side by side are slower than one after the other: the guests'
-# one emulated core each is what both wait for.)
 def exposure_and_restarts(run: Run) -> None:
     with phase("exposure: from a non-peer namespace the worker and mesh ports are closed, the API wants its key"):
         run_checks(PYTEST, ["tests/infra/test_infra_exposure.py"], RUN / "exposure.log", run.env,
@@ -651,33 +651,29 @@ def api_started_at(cluster: Cluster) -> int:
 
 
 def new_model_restarts_the_api(run: Run) -> None:
-    with phase("a new model file: site.yml --tags model,api restarts dllama-api"):
-        _new_model(run)
-
-
-def _new_model(run: Run) -> None:
     import hashlib
 
-    model = MODEL / "tiny-qwen3-f32-nudged.m"
-    data = bytearray((MODEL / "tiny-qwen3-f32.m").read_bytes())
-    data[-4] ^= 1  # the lowest mantissa bit of the last weight: another file, as good a model
-    model.write_bytes(data)
-    # the root alone: the model and api roles run nowhere else (the API's worker list comes from the
-    # inventory, not from the workers' facts)
-    site = run.playbook + ["site.yml", "--tags", "model,api", "--skip-tags", "preflight", "--limit", VMS[0].name,
-                           "-e", f"dllama_model_src={model}"]
-    before = api_started_at(run.cluster)
-    rc, _ = run_logged(netns_exec(site), RUN / "site-new-model.log", env=run.env)
-    if rc != 0:
-        raise Failed("site.yml with a new model file failed")
-    restarted = api_started_at(run.cluster)
-    environment = run.cluster.ssh(VMS[0], "systemctl", "show", "--property=Environment", "dllama-api").stdout
-    say(f"    dllama-api started {(restarted - before) / 1e6:.0f} s later; its unit: {environment.strip()}")
-    if restarted == before:
-        raise Failed("a new model file did not restart dllama-api")
-    if hashlib.sha256(data).hexdigest() not in environment:
-        raise Failed("dllama-api's unit does not carry the new model's checksum")
-    wait_for_api(run.cluster, API_START_TIMEOUT_S)
+    with phase("a new model file: site.yml --tags model,api restarts dllama-api"):
+        model = MODEL / "tiny-qwen3-f32-nudged.m"
+        data = bytearray((MODEL / "tiny-qwen3-f32.m").read_bytes())
+        data[-4] ^= 1  # the lowest mantissa bit of the last weight: another file, as good a model
+        model.write_bytes(data)
+        # the root alone: the model and api roles run nowhere else (the API's worker list comes from the
+        # inventory, not from the workers' facts)
+        site = run.playbook + ["site.yml", "--tags", "model,api", "--skip-tags", "preflight", "--limit", VMS[0].name,
+                               "-e", f"dllama_model_src={model}"]
+        before = api_started_at(run.cluster)
+        rc, _ = run_logged(netns_exec(site), RUN / "site-new-model.log", env=run.env)
+        if rc != 0:
+            raise Failed("site.yml with a new model file failed")
+        restarted = api_started_at(run.cluster)
+        environment = run.cluster.ssh(VMS[0], "systemctl", "show", "--property=Environment", "dllama-api").stdout
+        say(f"    dllama-api started {(restarted - before) / 1e6:.0f} s later; its unit: {environment.strip()}")
+        if restarted == before:
+            raise Failed("a new model file did not restart dllama-api")
+        if hashlib.sha256(data).hexdigest() not in environment:
+            raise Failed("dllama-api's unit does not carry the new model's checksum")
+        wait_for_api(run.cluster, API_START_TIMEOUT_S)
 
 
 # the address switch with a way back (roles/network/tasks/switch.yml), last in verify():
@@ -721,13 +717,13 @@ def address_switch_with_a_way_back(run: Run) -> None:
         out = _switch_run(run, {**moved, **unroutable}, "switch-unreachable.log", expect_failure=True,
                           limit=list(unroutable),
                           extra=["-e", "network_wait_timeout=10", "-e", "network_revert_after=40"])
-        for vm in [unreachable_vm]:
-            said = f"{vm.name} did not answer at {unroutable[vm.name]} within 10 s"
-            back = f"and answers at {moved[vm.name]} again"
-            if said not in out or back not in out:
-                raise Failed(f"the failed switch did not say {said!r} ... {back!r} (see {RUN / 'switch-unreachable.log'})")
-            _expect_at(run, vm, moved[vm.name])
-        say(f"    {unreachable_vm.name} back at {moved[unreachable_vm.name]}")
+        vm = unreachable_vm
+        said = f"{vm.name} did not answer at {unroutable[vm.name]} within 10 s"
+        back = f"and answers at {moved[vm.name]} again"
+        if said not in out or back not in out:
+            raise Failed(f"the failed switch did not say {said!r} ... {back!r} (see {RUN / 'switch-unreachable.log'})")
+        _expect_at(run, vm, moved[vm.name])
+        say(f"    {vm.name} back at {moved[vm.name]}")
 
 
 def _switch_run(run: Run, addresses: dict, log: str, expect_failure: bool = False, limit=SWITCH_VMS,
