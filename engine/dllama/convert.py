@@ -29,6 +29,7 @@ import numpy as np
 
 from .config import Arch, FloatType, HiddenAct, ModelConfig, RopeType
 from .model_file import ModelFileError, ModelWriter, header_keys, tensor_layout
+from .json_file import read_json_object
 
 ARCHS = {"qwen3_moe": Arch.QWEN3_MOE, "qwen3": Arch.QWEN3, "llama": Arch.LLAMA}
 WEIGHT_TYPES = {"q40": FloatType.Q40, "f32": FloatType.F32}
@@ -43,17 +44,10 @@ class ConvertError(ValueError):
 # config.json -> ModelConfig
 
 def load_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(hf_dir) / "config.json"
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        return read_json_object(Path(hf_dir) / "config.json", ConvertError)
     except FileNotFoundError:
         raise ConvertError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConvertError(f"{path}: cannot read config.json: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConvertError(f"{path}: config.json is not a JSON object")
-    return cfg
 
 
 def _field(hf: dict[str, Any], *names: str, default: Any = _MISSING) -> Any:

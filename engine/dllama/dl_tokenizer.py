@@ -19,12 +19,13 @@ Hugging Face tokenizer's.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import struct
 from pathlib import Path
 from typing import Any
+
+from .json_file import read_json_object
 
 MAGIC = 0x567124
 OLD_MAGIC = 0x567123
@@ -266,14 +267,9 @@ def tokenizer_bytes(tokens: list[bytes], scores: list[float], chat_template: byt
 
 def _json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path, TokenizerFileError)
     except FileNotFoundError:
         raise TokenizerFileError(f"{path.parent}: no {path.name}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise TokenizerFileError(f"{path}: cannot read: {e}") from None
-    if not isinstance(data, dict):
-        raise TokenizerFileError(f"{path}: not a JSON object")
-    return data
 
 
 def from_hf_dir(hf_dir: str | os.PathLike) -> bytes:
