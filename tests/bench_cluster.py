@@ -6,7 +6,7 @@ delay on the way out, MTU 9000), one thread per node, N = 2, 4 and 8 nodes.
 For each N, two models: the `bench` preset (Qwen3-30B-A3B's layer shape) and the `sync` preset
 (the same 2048-wide residual, so the same all-reduce payloads, with next to no compute): decode
 tok/s, sync ms per token and KB sent + received per token by the root, scaled to the real 48
-layers. The sync-only figure is the network's share; the bench figure adds the wait for the
+layers, and the share of the root's bytes that left while the matmul producing them still ran. The sync-only figure is the network's share; the bench figure adds the wait for the
 slowest node's compute (on this 2-core machine N processes share 2 cores: its skew is not a
 Pi's). Then the Pi 5 projection (tests/pi5_projection.py).
 
@@ -181,7 +181,7 @@ def root_main(args) -> None:
     n = args.decode_tokens
     print(json.dumps(dict(
         layers=layers, tok_s=decode["tok_s"], sync_ms=decode["sync"] / n, sent_kb=decode["sent"] / n,
-        recv_kb=decode["recv"] / n, prefill_tok_s=args.prompt_tokens / prefill_s,
+        recv_kb=decode["recv"] / n, early_pct=100 * decode["early"] / max(decode["sent"], 1e-9), prefill_tok_s=args.prompt_tokens / prefill_s,
         prefill_sync_ms=prefill["sync_ms"] / args.prompt_tokens)))
 
 
@@ -213,7 +213,7 @@ def main() -> None:
     print(f"emulated Pi network: {args.rate} per link, {args.delay_ms} ms one-way delay, MTU {args.mtu}; "
           f"1 thread per node; {args.layers} layers run, figures per token scaled to {REAL_LAYERS}")
     print(f"{'nodes':>5} {'model':>6} {'decode tok/s':>12} {'sync ms/tok':>12} {'sync ms/tok @48L':>16} "
-          f"{'KB/tok @48L':>11} {'prefill sync ms/tok @48L':>24}", flush=True)
+          f"{'KB/tok @48L':>11} {'sent early %':>12} {'prefill sync ms/tok @48L':>24}", flush=True)
     results = {}
     delay_emulated = True
     for nodes in (int(x) for x in args.nodes.split(",")):
@@ -233,7 +233,8 @@ def main() -> None:
             scale = REAL_LAYERS / r["layers"]
             results[nodes, name] = dict(r, scale=scale)
             print(f"{nodes:5d} {name:>6} {r['tok_s']:12.2f} {r['sync_ms']:12.2f} {r['sync_ms'] * scale:16.2f} "
-                  f"{(r['sent_kb'] + r['recv_kb']) * scale:11.1f} {r['prefill_sync_ms'] * scale:24.3f}", flush=True)
+                  f"{(r['sent_kb'] + r['recv_kb']) * scale:11.1f} {r['early_pct']:12.0f} {r['prefill_sync_ms'] * scale:24.3f}",
+                  flush=True)
     # Every all-reduce is one exchange among all nodes at once (one one-way delay), two a layer,
     # plus the root's step message and the workers' replies: what a kernel without sch_netem
     # cannot delay is added to the projection's sync instead.
