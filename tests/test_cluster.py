@@ -112,6 +112,16 @@ def test_a_decode_tokens_partials_leave_while_their_matmul_runs(models, arch, bu
     assert decode["sent_early_kb"] * 1024 == 2 * layers * 2 * row_bytes // 2
 
 
+def test_a_one_thread_node_sends_each_partial_whole(models):
+    # with one thread, the pieces' system calls would stall the matmul itself: one piece
+    with Workers(1, nthreads=1) as workers, Engine(models["qwen3_moe"], nthreads=1, max_seq_len=64,
+                                                   workers=workers.addresses, progress=False) as engine:
+        engine.forward(PROMPT)
+        engine.forward([PROMPT[0]])
+        decode = engine.stats()
+    assert decode["sent_kb"] > 0 and decode["sent_early_kb"] == 0
+
+
 @pytest.fixture
 def keyfiles(tmp_path):
     good, bad = tmp_path / "good.key", tmp_path / "bad.key"
