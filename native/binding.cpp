@@ -344,6 +344,7 @@ PYBIND11_MODULE(_core, m) {
             py::dict d;
             d["sent"] = self.mesh->stats.sent;
             d["received"] = self.mesh->stats.received;
+            d["sent_early"] = self.mesh->stats.sent_early;
             d["sync_seconds"] = self.mesh->stats.sync_seconds;
             d["mac_seconds"] = self.mesh->stats.mac_seconds;
             return d;

@@ -62,27 +62,70 @@ std::string top_k_problem(const TopK& t, int vocab_begin, int vocab_size) {
 }  // namespace
 
 MeshAllReduce::MeshAllReduce(Mesh& mesh, bool q80, int max_batch, int dim) : mesh_(mesh), q80_(q80) {
-    const size_t row = q80 ? dim / kBlockSize * sizeof(BlockQ80) : dim * sizeof(float);
-    out_.resize((size_t)max_batch * row);
-    in_.resize((size_t)max_batch * row * mesh.size());
+    out_.resize((size_t)max_batch * row_bytes(dim));
+    in_.resize((size_t)max_batch * row_bytes(dim) * mesh.size());
     row_.resize(dim);
+}
+
+size_t MeshAllReduce::row_bytes(int columns) const {
+    return q80_ ? (size_t)columns / kBlockSize * sizeof(BlockQ80) : (size_t)columns * sizeof(float);
+}
+
+int MeshAllReduce::piece(int batch, int dim) const {
+    // more tokens: their rows interleave the pieces, so no prefix of the message is complete
+    // before the last piece is; a piece is whole Q80 blocks
+    if (batch != 1 || dim % kBlockSize != 0) return dim;
+    const int blocks = dim / kBlockSize;
+    return (blocks + kAllReducePieces - 1) / kAllReducePieces * kBlockSize;
+}
+
+void MeshAllReduce::hand_over(const float* x, int batch, int dim, int end) {
+    if (!started_) {
+        mesh_.begin_exchange(out_.data(), in_.data(), row_bytes(dim) * batch);
+        started_ = true;
+        handed_ = 0;
+    }
+    if (end <= handed_ || end > dim || (end != dim && (batch != 1 || end % kBlockSize != 0)))
+        throw std::logic_error("all-reduce: pieces must grow in whole blocks of a one-token partial");
+    const Kernels& kern = kernels();
+    const size_t row = row_bytes(dim);
+    for (int b = 0; b < batch; b++) {
+        const float* from = x + (size_t)b * dim + handed_;
+        uint8_t* to = out_.data() + b * row + row_bytes(handed_);
+        if (q80_) kern.quantize_row_q80(from, reinterpret_cast<BlockQ80*>(to), end - handed_);
+        else std::memcpy(to, from, (end - handed_) * sizeof(float));
+    }
+    // a one-token message ends with the columns handed so far; more tokens come in one piece
+    handed_ = end;
+    mesh_.offer(batch == 1 ? row_bytes(end) : row * batch);
+}
+
+void MeshAllReduce::ready(const float* x, int batch, int dim, int end) {
+    const auto start = std::chrono::steady_clock::now();
+    try {
+        hand_over(x, batch, dim, end);
+    } catch (...) {
+        started_ = false;  // the exchange is dead with the session; never continue it
+        throw;
+    }
+    mesh_.stats.sync_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 void MeshAllReduce::sum(float* x, int batch, int dim) {
     const auto start = std::chrono::steady_clock::now();
     const Kernels& kern = kernels();
-    const int blocks = dim / kBlockSize;
-    const size_t row = q80_ ? blocks * sizeof(BlockQ80) : dim * sizeof(float);
+    const size_t row = row_bytes(dim);
     const size_t bytes = row * batch;
-    if (q80_) {
-        for (int b = 0; b < batch; b++)
-            kern.quantize_row_q80(x + (size_t)b * dim, reinterpret_cast<BlockQ80*>(out_.data() + b * row), dim);
-    } else {
-        std::memcpy(out_.data(), x, bytes);
+    try {
+        if (!started_ || handed_ < dim) hand_over(x, batch, dim, dim);
+    } catch (...) {
+        started_ = false;
+        throw;
     }
+    started_ = false;
     // this node's own part goes where a peer's would, so the sum below is the same everywhere
     std::memcpy(in_.data() + (size_t)mesh_.node() * bytes, out_.data(), bytes);
-    mesh_.exchange(out_.data(), in_.data(), bytes);
+    mesh_.finish_exchange();
     for (int b = 0; b < batch; b++) {
         float* y = x + (size_t)b * dim;
         std::memset(y, 0, dim * sizeof(float));

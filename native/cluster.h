@@ -64,17 +64,31 @@ static_assert(sizeof(TopK) == 8 * kTopK + 8, "top-k reply is 520 bytes on the wi
 TopK top_k(const float* logits, int n, int id_offset, float temperature);
 
 // Sums the nodes' partials through the mesh. Every node adds the same values in node order,
-// so all of them hold bit-identical residuals afterwards.
+// so all of them hold bit-identical residuals afterwards. A one-token partial is taken in
+// pieces of kAllReducePieces (ready): each piece's bytes leave while the matmul producing the
+// next runs, so only the last piece's are on the wire after it ends. The message is the same
+// bytes either way (a token's row is contiguous), so nodes need not agree on the pieces.
+constexpr int kAllReducePieces = 4;
+
 class MeshAllReduce : public AllReduce {
 public:
     MeshAllReduce(Mesh& mesh, bool q80, int max_batch, int dim);
+    int piece(int batch, int dim) const override;
+    void ready(const float* x, int batch, int dim, int end) override;
     void sum(float* x, int batch, int dim) override;
 
 private:
+    size_t row_bytes(int columns) const;
+    // Encodes columns [handed_, end) of x into out_ (Q80 or F32) and offers them to the mesh,
+    // opening the exchange at the first piece.
+    void hand_over(const float* x, int batch, int dim, int end);
+
     Mesh& mesh_;
     bool q80_;
     std::vector<uint8_t> out_, in_;
     std::vector<float> row_;
+    bool started_ = false;  // an exchange is open: columns [0, handed_) are out_'s
+    int handed_ = 0;
 };
 
 // What one node (or, through ClusterRoot, the cluster) answers for a step's entries: per

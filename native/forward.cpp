@@ -1,8 +1,11 @@
 #include "forward.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -152,42 +155,45 @@ void Transformer::check_bound() const {
 }
 
 void Transformer::run_matmuls(const MatmulJob* jobs, int n_jobs) {
+    pool_.run([&](int t, int nt) { matmul_share(jobs, n_jobs, t, nt); });
+}
+
+void Transformer::matmul_share(const MatmulJob* jobs, int n_jobs, int t, int nt) {
     const Kernels& kern = kernels();
     // The jobs' rows, laid end to end and weighted by the batch they meet, are cut into one
     // contiguous share per thread: a thread streams whole matrices where it can (a stream
     // restarted at every matrix costs its prefetch warm-up), and uneven batches (experts
     // chosen by more prompt tokens) still balance.
     int64_t total = 0;
-    for (int j = 0; j < n_jobs; j++) total += (int64_t)jobs[j].w->rows * (jobs[j].batch + 1) * (jobs[j].batch > 0);
-    pool_.run([&](int t, int nt) {
-        const int64_t begin = total * t / nt, end = total * (t + 1) / nt;
-        int64_t at = 0;
-        for (int j = 0; j < n_jobs && at < end; j++) {
-            const MatmulJob& job = jobs[j];
-            const Tensor& w = *job.w;
-            if (job.batch == 0) continue;
-            const int64_t per_row = job.batch + 1, size = (int64_t)w.rows * per_row;
-            if (at + size > begin) {
-                // this job's rows inside [begin, end), rounded to whole groups of 8 rows (a
-                // packed group is written by one thread; the f32 tiles are 4 rows or fewer)
-                auto row_at = [&](int64_t pos) {
-                    const int64_t r = (std::clamp(pos, at, at + size) - at + per_row - 1) / per_row;
-                    return r >= w.rows ? w.rows : (int)(r / kQ40GroupRows * kQ40GroupRows);
-                };
-                const int r0 = row_at(begin), r1 = row_at(end);
-                if (r0 < r1) {
-                    if (w.type == FloatType::Q40) {
-                        kern.matmul_q40x8_q80(job.y, w.rows, w.data, static_cast<const BlockQ80*>(job.x),
-                                              w.cols / kBlockSize, w.cols, r0, r1, job.batch);
-                    } else {
-                        kern.matmul_f32(job.y, w.rows, w.data, w.row_stride, static_cast<const float*>(job.x),
-                                        w.cols, w.cols, r0, r1, job.batch);
-                    }
+    for (int j = 0; j < n_jobs; j++) total += (int64_t)jobs[j].rows() * (jobs[j].batch + 1) * (jobs[j].batch > 0);
+    const int64_t begin = total * t / nt, end = total * (t + 1) / nt;
+    int64_t at = 0;
+    for (int j = 0; j < n_jobs && at < end; j++) {
+        const MatmulJob& job = jobs[j];
+        const Tensor& w = *job.w;
+        if (job.batch == 0) continue;
+        const int rows = job.rows();
+        const int64_t per_row = job.batch + 1, size = (int64_t)rows * per_row;
+        if (at + size > begin) {
+            // this job's rows inside [begin, end), rounded to whole groups of 8 rows (a
+            // packed group is written by one thread; the f32 tiles are 4 rows or fewer)
+            auto row_at = [&](int64_t pos) {
+                const int64_t r = (std::clamp(pos, at, at + size) - at + per_row - 1) / per_row;
+                return job.r0 + (r >= rows ? rows : (int)(r / kQ40GroupRows * kQ40GroupRows));
+            };
+            const int r0 = row_at(begin), r1 = row_at(end);
+            if (r0 < r1) {
+                if (w.type == FloatType::Q40) {
+                    kern.matmul_q40x8_q80(job.y, w.rows, w.data, static_cast<const BlockQ80*>(job.x),
+                                          w.cols / kBlockSize, w.cols, r0, r1, job.batch);
+                } else {
+                    kern.matmul_f32(job.y, w.rows, w.data, w.row_stride, static_cast<const float*>(job.x),
+                                    w.cols, w.cols, r0, r1, job.batch);
                 }
             }
-            at += size;
         }
-    });
+        at += size;
+    }
 }
 
 const void* Transformer::matmul_input(const float* x, BlockQ80* xq, int rows, int cols) {
@@ -204,8 +210,59 @@ const void* Transformer::matmul_input(const float* x, BlockQ80* xq, int rows, in
     return xq;
 }
 
-void Transformer::sync(float* x, int n) {
-    if (all_reduce_) all_reduce_->sum(x, n, config_.dim);
+template <typename Finish>
+void Transformer::project_and_sync(const MatmulJob* jobs, int n_jobs, int n, Finish&& finish) {
+    const int dim = config_.dim;
+    // Pieces only where another thread computes while one hands a piece on: with a single
+    // thread every piece's quantize, tag and send system calls sit on the matmul's own path
+    // (measured over bench-cluster's links, 2 nodes of 1 thread: decode 8 % slower in pieces).
+    const bool in_pieces = all_reduce_ && n == 1 && pool_.size() > 1;
+    const int step = in_pieces ? std::clamp(all_reduce_->piece(n, dim), 1, dim) : dim;
+    const int pieces = (dim + step - 1) / step;
+    if (pieces == 1) {
+        run_matmuls(jobs, n_jobs);
+        finish(0, dim);
+        if (all_reduce_) all_reduce_->sum(part_.data(), n, dim);
+        return;
+    }
+    // Every thread runs its share of piece 0, then of piece 1, ...; the thread that completes a
+    // piece hands it on (finish, then the all-reduce sends it) while the others compute on: no
+    // thread waits at a piece's end, and where one core can keep the DRAM busy (a Pi 5) the
+    // system calls cost the matmul next to nothing. Pieces go in order, one thread at a time.
+    std::vector<MatmulJob> piece_jobs((size_t)pieces * n_jobs);
+    for (int c = 0; c < pieces; c++) {
+        for (int j = 0; j < n_jobs; j++) {
+            MatmulJob& job = piece_jobs[(size_t)c * n_jobs + j];
+            job = jobs[j];
+            job.r0 = c * step;
+            job.r1 = std::min(dim, (c + 1) * step);
+        }
+    }
+    std::unique_ptr<std::atomic<int>[]> shares_done(new std::atomic<int>[pieces]);
+    for (int c = 0; c < pieces; c++) shares_done[c].store(0, std::memory_order_relaxed);
+    std::vector<char> complete(pieces, 0);
+    int next = 0;  // the first piece not handed on yet
+    std::mutex handing;
+    std::exception_ptr failed;  // a peer's error, rethrown on this thread
+    pool_.run([&](int t, int nt) {
+        for (int c = 0; c < pieces; c++) {
+            matmul_share(&piece_jobs[(size_t)c * n_jobs], n_jobs, t, nt);
+            if (shares_done[c].fetch_add(1, std::memory_order_acq_rel) != nt - 1) continue;
+            std::lock_guard<std::mutex> lock(handing);
+            complete[c] = 1;
+            for (; next < pieces && complete[next] && !failed; next++) {
+                try {
+                    const int c1 = std::min(dim, (next + 1) * step);
+                    finish(next * step, c1);
+                    all_reduce_->ready(part_.data(), n, dim, c1);
+                } catch (...) {
+                    failed = std::current_exception();
+                }
+            }
+        }
+    });
+    if (failed) std::rethrow_exception(failed);
+    all_reduce_->sum(part_.data(), n, dim);
 }
 
 void Transformer::check_step(const StepEntry* entries, int n_entries, const int* tokens) const {
@@ -283,15 +340,13 @@ void Transformer::forward_chunk(int n, const std::vector<int>& out_rows, float* 
         const LayerWeights& L = weights_.layers[l];
         // attention block: x += wo(attention(norm(x)))
         for (int b = 0; b < n; b++) rmsnorm(&xb_[b * dim], &x_[b * dim], L.attn_norm.f32(), c.dim, c.norm_eps);
-        attention(l, n);
-        sync(part_.data(), n);
+        attention(l, n);  // part_: this node's share of the update, summed across the nodes
         for (size_t i = 0; i < n * dim; i++) x_[i] += part_[i];
 
         // feed-forward block: x += ffn(norm(x))
         for (int b = 0; b < n; b++) rmsnorm(&xb_[b * dim], &x_[b * dim], L.ffn_norm.f32(), c.dim, c.norm_eps);
         if (c.is_moe()) moe_ffn(l, n);
         else dense_ffn(l, n);
-        sync(part_.data(), n);
         for (size_t i = 0; i < n * dim; i++) x_[i] += part_[i];
     }
 
@@ -380,8 +435,8 @@ void Transformer::attention(int l, int n) {
 
     // output projection: this node's heads' share of the residual update
     const void* ain = matmul_input(att_.data(), attq_.data(), n, q_dim_);
-    MatmulJob o{&L.wo, part_.data(), ain, n};
-    run_matmuls(&o, 1);
+    const MatmulJob o{&L.wo, part_.data(), ain, n};
+    project_and_sync(&o, 1, n, [](int, int) {});
 }
 
 void Transformer::dense_ffn(int l, int n) {
@@ -396,8 +451,8 @@ void Transformer::dense_ffn(int l, int n) {
         silu_mul(h, h, &h3_[(size_t)b * hidden], hidden);
     });
     const void* hin = matmul_input(h1_.data(), hq_.data(), n, hidden);
-    MatmulJob down{&L.down, part_.data(), hin, n};
-    run_matmuls(&down, 1);
+    const MatmulJob down{&L.down, part_.data(), hin, n};
+    project_and_sync(&down, 1, n, [](int, int) {});
 }
 
 // w2(silu(w1 x) * w3 x) of the k experts the router picks for each token, weighted by its
@@ -407,8 +462,9 @@ void Transformer::moe_ffn(int l, int n) {
     std::vector<int> count(config_.n_experts, 0);
     route(L, n, count);
     const std::vector<int> offset = group_by_expert(n, count);
-    run_experts(L, n, count, offset);
-    combine_experts(n);
+    const std::vector<MatmulJob> down = run_gate_up(L, n, count, offset);
+    // a piece of the output is complete over all the step's experts before it is handed on
+    project_and_sync(down.data(), (int)down.size(), n, [&](int c0, int c1) { combine_experts(n, c0, c1); });
 }
 
 // router: softmax over all experts, keep the top k, renormalise their probabilities; count[e]
@@ -461,10 +517,10 @@ std::vector<int> Transformer::group_by_expert(int n, const std::vector<int>& cou
     return offset;
 }
 
-// every chosen expert over its rows of the grouped buffers: silu(w1 x) * w3 x, then w2 of it
-// into eout_
-void Transformer::run_experts(const LayerWeights& L, int n, const std::vector<int>& count,
-                              const std::vector<int>& offset) {
+// every chosen expert over its rows of the grouped buffers: silu(w1 x) * w3 x; returns the jobs
+// of w2 of it into eout_ (all of their rows), for the caller to run
+std::vector<Transformer::MatmulJob> Transformer::run_gate_up(const LayerWeights& L, int n, const std::vector<int>& count,
+                                                             const std::vector<int>& offset) {
     const int E = config_.n_experts, k = config_.n_active_experts, hidden = moe_dim_;
     const size_t dim = config_.dim, blocks = dim / kBlockSize;
     const bool quantized = config_.weight_type == FloatType::Q40;
@@ -495,20 +551,21 @@ void Transformer::run_experts(const LayerWeights& L, int n, const std::vector<in
                                   : (const void*)(static_cast<const float*>(hin) + offset[e] * hstride);
         jobs.push_back({&L.experts[e].down, &eout_[(size_t)offset[e] * dim], x, count[e]});
     }
-    run_matmuls(jobs.data(), (int)jobs.size());
+    return jobs;
 }
 
-// each token's k expert outputs weighted by its renormalised router probabilities, into part_
-void Transformer::combine_experts(int n) {
+// each token's k expert outputs weighted by its renormalised router probabilities, into
+// part_'s columns [c0, c1)
+void Transformer::combine_experts(int n, int c0, int c1) {
     const Kernels& kern = kernels();
     const int k = config_.n_active_experts;
     const size_t dim = config_.dim;
     pool_.for_chunks(n, [&](int b) {
-        float* out = &part_[b * dim];
-        std::memset(out, 0, dim * sizeof(float));
+        float* out = &part_[b * dim + c0];
+        std::memset(out, 0, (c1 - c0) * sizeof(float));
         for (int j = 0; j < k; j++) {
             const int a = b * k + j;
-            kern.vec_mad_f32(config_.dim, out, &eout_[(size_t)route_slot_[a] * dim], route_weight_[a]);
+            kern.vec_mad_f32(c1 - c0, out, &eout_[(size_t)route_slot_[a] * dim + c0], route_weight_[a]);
         }
     });
 }

@@ -11,10 +11,15 @@
 namespace dllama {
 
 // The cluster's hook: sums a [batch, dim] buffer of partial results across all nodes, in
-// place. A single node has none.
+// place. A single node has none. The producer of a one-token partial may finish it `piece`
+// columns at a time and hand each piece over as it is done (ready, columns [0, end) final,
+// end growing), so the sum's traffic starts while the rest is computed; then sum.
 class AllReduce {
 public:
     virtual ~AllReduce() = default;
+    // a multiple of 32 columns, or dim: the whole partial at once
+    virtual int piece(int /*batch*/, int dim) const { return dim; }
+    virtual void ready(const float* /*x*/, int /*batch*/, int /*dim*/, int /*end*/) {}
     virtual void sum(float* x, int batch, int dim) = 0;
 };
 
@@ -71,8 +76,12 @@ private:
         float* y;        // [batch, w->rows]
         const void* x;   // [batch, w->cols]: Q80 blocks for Q40 weights, F32 otherwise
         int batch;
+        int r0 = 0, r1 = -1;  // the output rows computed (-1: to the last); r0 a multiple of 8
+        int rows() const { return (r1 < 0 ? w->rows : r1) - r0; }
     };
     void run_matmuls(const MatmulJob* jobs, int n_jobs);
+    // thread t's share (of nt) of run_matmuls' work
+    static void matmul_share(const MatmulJob* jobs, int n_jobs, int t, int nt);
     // The activation a matmul over a weight of the model's type reads: F32 rows for F32
     // weights, their Q80 copy (made here, in parallel) for Q40 weights.
     const void* matmul_input(const float* x, BlockQ80* xq, int rows, int cols);
@@ -91,9 +100,15 @@ private:
     // moe_ffn's steps
     void route(const LayerWeights& L, int n, std::vector<int>& count);
     std::vector<int> group_by_expert(int n, const std::vector<int>& count);
-    void run_experts(const LayerWeights& L, int n, const std::vector<int>& count, const std::vector<int>& offset);
-    void combine_experts(int n);
-    void sync(float* x, int n);
+    std::vector<MatmulJob> run_gate_up(const LayerWeights& L, int n, const std::vector<int>& count,
+                                       const std::vector<int>& offset);
+    // (in the pool's threads when a token's partial goes in pieces: n = 1 then, and it runs inline)
+    void combine_experts(int n, int c0, int c1);
+    // part_'s n rows: the jobs (their rows are part_'s columns), then finish(c0, c1) over the
+    // columns, in the pieces the all-reduce asks for (each handed to it once finished), then
+    // summed across the nodes
+    template <typename Finish>
+    void project_and_sync(const MatmulJob* jobs, int n_jobs, int n, Finish&& finish);
 
     ModelConfig config_;
     SlicePlan plan_;

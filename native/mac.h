@@ -9,12 +9,26 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "third_party/blake2/blake2.h"
+
 namespace dllama {
 
 constexpr size_t kMacKeyBytes = 32;
 constexpr size_t kMacTagBytes = 16;
 using MacKey = std::array<uint8_t, kMacKeyBytes>;
 using MacTag = std::array<uint8_t, kMacTagBytes>;
+
+// The tag of one message whose payload comes in pieces (a partial sum sent while the matmul
+// producing it still runs): the same tag as message_tag over the pieces end to end.
+class MessageTagger {
+public:
+    MessageTagger(const MacKey& key, uint32_t sender, uint64_t counter);
+    void update(const void* piece, size_t bytes);
+    MacTag final();
+
+private:
+    blake2b_state state_;
+};
 
 MacTag message_tag(const MacKey& key, uint32_t sender, uint64_t counter, const void* payload, size_t bytes);
 

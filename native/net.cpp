@@ -1,6 +1,8 @@
 #include "net.h"
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <chrono>
 #include <cstring>
 #include <netinet/in.h>
@@ -23,12 +25,15 @@ struct Wire {
 
     size_t size() const { return bytes + tag_bytes; }
 
-    // What is left of the message after its first `done` bytes.
-    msghdr rest(size_t done, iovec (&iov)[2]) const {
+    // What is left of the message's first `avail` bytes (all of it by default) after its first
+    // `done` bytes.
+    msghdr rest(size_t done, iovec (&iov)[2], size_t avail = SIZE_MAX) const {
+        avail = std::min(avail, size());
         int parts = 0;
-        if (done < bytes) iov[parts++] = {payload + done, bytes - done};
-        const size_t tag_done = done > bytes ? done - bytes : 0;
-        if (tag_done < tag_bytes) iov[parts++] = {tag + tag_done, tag_bytes - tag_done};
+        const size_t payload_end = std::min(avail, bytes);
+        if (done < payload_end) iov[parts++] = {payload + done, payload_end - done};
+        const size_t tag_done = done > bytes ? done - bytes : 0, tag_end = avail > bytes ? avail - bytes : 0;
+        if (tag_done < tag_end) iov[parts++] = {tag + tag_done, tag_end - tag_done};
         msghdr m{};
         m.msg_iov = iov;
         m.msg_iovlen = parts;
@@ -156,33 +161,73 @@ void Mesh::recv(int peer, void* data, size_t bytes, bool wait_forever) {
 }
 
 void Mesh::exchange(const uint8_t* out, uint8_t* in, size_t bytes) {
+    begin_exchange(out, in, bytes);
+    offer(bytes);
+    finish_exchange();
+}
+
+void Mesh::begin_exchange(const uint8_t* out, uint8_t* in, size_t bytes) {
     const int n = size();
-    // every tag is computed before the first byte goes out: the loop below only moves bytes
-    std::vector<MacTag> out_tags(n), in_tags(n);
-    std::vector<Wire> outgoing(n), incoming(n);
-    for (int p = 0; p < n; p++) {
-        if (p == node_) continue;
-        out_tags[p] = outgoing_tag(p, out, bytes);
-        outgoing[p] = {const_cast<uint8_t*>(out), bytes, out_tags[p].data(), tag_bytes()};
-        incoming[p] = {in + (size_t)p * bytes, bytes, in_tags[p].data(), tag_bytes()};
-    }
-    const size_t total = bytes + tag_bytes();
-    std::vector<size_t> sent(n, 0), got(n, 0);
-    auto send_some = [&](int p) {
-        iovec iov[2];
-        const msghdr m = outgoing[p].rest(sent[p], iov);
-        const ssize_t s = ::sendmsg(fds_[p], &m, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (s < 0 && errno != EAGAIN && errno != EINTR) fail(p, std::string("send failed: ") + strerror(errno));
-        if (s > 0) {
-            sent[p] += (size_t)s;
-            stats.sent += (uint64_t)s;
-        }
-    };
-    // The send buffers are free when an exchange starts (the last one was read): every peer gets
-    // what its buffer takes before the first poll, which then only waits for the replies (one
-    // system call fewer per all-reduce than polling for writability first).
+    x_out_ = out;
+    x_in_ = in;
+    x_bytes_ = bytes;
+    x_ready_ = 0;
+    x_open_ = true;
+    x_taggers_.assign(n, std::nullopt);
+    x_out_tags_.assign(n, MacTag{});
+    x_in_tags_.assign(n, MacTag{});
+    x_sent_.assign(n, 0);
+    x_got_.assign(n, 0);
+    if (keys_.empty()) return;
     for (int p = 0; p < n; p++)
-        if (p != node_) send_some(p);
+        if (p != node_) x_taggers_[p].emplace(keys_[p], (uint32_t)node_, sent_messages_[p]++);
+}
+
+void Mesh::send_some(int p, size_t avail, bool early) {
+    const Wire msg{const_cast<uint8_t*>(x_out_), x_bytes_, x_out_tags_[p].data(), tag_bytes()};
+    if (x_sent_[p] >= std::min(avail, msg.size())) return;  // nothing new for this peer: no system call
+    iovec iov[2];
+    const msghdr m = msg.rest(x_sent_[p], iov, avail);
+    const ssize_t s = ::sendmsg(fds_[p], &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (s < 0 && errno != EAGAIN && errno != EINTR) fail(p, std::string("send failed: ") + strerror(errno));
+    if (s > 0) {
+        x_sent_[p] += (size_t)s;
+        stats.sent += (uint64_t)s;
+        if (early) stats.sent_early += (uint64_t)s;
+    }
+}
+
+void Mesh::offer(size_t ready) {
+    if (!x_open_ || ready < x_ready_ || ready > x_bytes_) throw std::logic_error("mesh: offer outside an exchange or out of order");
+    const int n = size();
+    const bool last = ready == x_bytes_;
+    if (!keys_.empty()) {
+        // the tags grow with the pieces; the last piece completes them, so they leave with it
+        const auto start = std::chrono::steady_clock::now();
+        for (int p = 0; p < n; p++) {
+            if (p == node_) continue;
+            x_taggers_[p]->update(x_out_ + x_ready_, ready - x_ready_);
+            if (last) x_out_tags_[p] = x_taggers_[p]->final();
+        }
+        stats.mac_seconds += seconds_since(start);
+    }
+    x_ready_ = ready;
+    // The send buffers are free when an exchange starts (the last one was read): every peer gets
+    // what its buffer takes at once, and the poll in finish_exchange only waits for the replies
+    // (one system call fewer per all-reduce than polling for writability first).
+    const size_t avail = last ? x_bytes_ + tag_bytes() : ready;
+    for (int p = 0; p < n; p++)
+        if (p != node_) send_some(p, avail, !last);
+}
+
+void Mesh::finish_exchange() {
+    if (!x_open_ || x_ready_ != x_bytes_) throw std::logic_error("mesh: exchange finished before its message was complete");
+    x_open_ = false;
+    const int n = size();
+    const size_t bytes = x_bytes_, total = bytes + tag_bytes();
+    std::vector<Wire> incoming(n);
+    for (int p = 0; p < n; p++)
+        if (p != node_) incoming[p] = {x_in_ + (size_t)p * bytes, bytes, x_in_tags_[p].data(), tag_bytes()};
     std::vector<pollfd> pfds;
     std::vector<int> peer_of;
     for (;;) {
@@ -191,8 +236,8 @@ void Mesh::exchange(const uint8_t* out, uint8_t* in, size_t bytes) {
         for (int p = 0; p < n; p++) {
             if (p == node_) continue;
             short events = 0;
-            if (sent[p] < total) events |= POLLOUT;
-            if (got[p] < total) events |= POLLIN;
+            if (x_sent_[p] < total) events |= POLLOUT;
+            if (x_got_[p] < total) events |= POLLIN;
             if (!events) continue;
             pfds.push_back({fds_[p], events, 0});
             peer_of.push_back(p);
@@ -208,19 +253,19 @@ void Mesh::exchange(const uint8_t* out, uint8_t* in, size_t bytes) {
             const int p = peer_of[k];
             iovec iov[2];
             if (pfds[k].revents & POLLIN) {
-                msghdr m = incoming[p].rest(got[p], iov);
+                msghdr m = incoming[p].rest(x_got_[p], iov);
                 const ssize_t r = ::recvmsg(fds_[p], &m, MSG_DONTWAIT);
                 if (r == 0) fail(p, "connection closed");
                 if (r < 0 && errno != EAGAIN && errno != EINTR) fail(p, std::string("receive failed: ") + strerror(errno));
                 if (r > 0) {
-                    got[p] += (size_t)r;
+                    x_got_[p] += (size_t)r;
                     stats.received += (uint64_t)r;
-                    if (got[p] == total) verify(p, incoming[p].payload, bytes, in_tags[p]);
+                    if (x_got_[p] == total) verify(p, incoming[p].payload, bytes, x_in_tags_[p]);
                 }
             } else if (pfds[k].revents & (POLLERR | POLLHUP | POLLNVAL)) {
                 fail(p, "connection lost");
             }
-            if (pfds[k].revents & POLLOUT) send_some(p);
+            if (pfds[k].revents & POLLOUT) send_some(p, total, false);
         }
     }
 }

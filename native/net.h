@@ -5,6 +5,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -25,6 +26,9 @@ private:
 
 struct NetStats {
     uint64_t sent = 0, received = 0;  // bytes on the wire, tags included
+    // of `sent`: exchange bytes that went out before their message was complete (offer), i.e.
+    // while the matmul producing the rest of an all-reduce's partial still ran
+    uint64_t sent_early = 0;
     double sync_seconds = 0;  // time spent in all-reduce exchanges
     double mac_seconds = 0;  // time spent computing and checking message tags (in all-reduces, part of sync_seconds)
 };
@@ -52,6 +56,13 @@ public:
     // Sends `out` to every peer and receives `bytes` from each into in[peer * bytes], all at
     // once, so payloads larger than the socket buffers cannot deadlock.
     void exchange(const uint8_t* out, uint8_t* in, size_t bytes);
+    // The same exchange with `out` made in pieces: begin_exchange, then offer(ready) whenever
+    // out[0, ready) is final (every peer gets what its socket takes of it at once, nothing
+    // waits), the last offer with ready = bytes, then finish_exchange (the rest of the sends
+    // and every receive, as exchange). The wire carries the same single message per peer.
+    void begin_exchange(const uint8_t* out, uint8_t* in, size_t bytes);
+    void offer(size_t ready);
+    void finish_exchange();
 
     NetStats stats;
 
@@ -62,6 +73,9 @@ private:
     MacTag outgoing_tag(int peer, const void* data, size_t bytes);
     // Fails unless `tag` is the tag of peer's next message to this node.
     void verify(int peer, const void* data, size_t bytes, const MacTag& tag);
+    // Sends peer what its socket takes of the open exchange's first `avail` bytes (its tag included
+    // once avail passes the payload), without waiting.
+    void send_some(int peer, size_t avail, bool early);
 
     int node_;
     std::vector<int> fds_;
@@ -69,6 +83,15 @@ private:
     int timeout_ms_;
     std::vector<MacKey> keys_;  // keys_[peer]; empty: no authentication
     std::vector<uint64_t> sent_messages_, received_messages_;  // per peer: the tags' counters
+
+    // the exchange under way (begin_exchange .. finish_exchange); vectors indexed by peer
+    const uint8_t* x_out_ = nullptr;
+    uint8_t* x_in_ = nullptr;
+    size_t x_bytes_ = 0, x_ready_ = 0;
+    bool x_open_ = false;
+    std::vector<std::optional<MessageTagger>> x_taggers_;
+    std::vector<MacTag> x_out_tags_, x_in_tags_;
+    std::vector<size_t> x_sent_, x_got_;
 };
 
 }  // namespace dllama

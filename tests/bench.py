@@ -176,15 +176,17 @@ def batch_series(engine: Engine, rounds: int) -> dict[int, float]:
 
 def timed_decode(engine: Engine, prompt: list[int], steps: int) -> dict:
     """One sequence: the prompt, then `steps` timed greedy decode steps; their tok/s and the
-    network's totals over them (sync, sent, recv, mac)."""
+    network's totals over them (sync, sent, recv, mac; early: of sent, the all-reduce bytes that
+    left while their matmul still ran)."""
     engine.reset(0)
     out = engine.step([Entry(0, prompt, TOPK, 0.0)])[0]
-    totals = dict(sync=0.0, sent=0.0, recv=0.0, mac=0.0)
+    totals = dict(sync=0.0, sent=0.0, recv=0.0, mac=0.0, early=0.0)
     start = time.perf_counter()
     for _ in range(steps):
         out = engine.step([Entry(0, [int(out.ids[0])], TOPK, 0.0)])[0]
         s = engine.stats()
-        for k, key in (("sync", "sync_ms"), ("sent", "sent_kb"), ("recv", "recv_kb"), ("mac", "mac_ms")):
+        for k, key in (("sync", "sync_ms"), ("sent", "sent_kb"), ("recv", "recv_kb"), ("mac", "mac_ms"),
+                       ("early", "sent_early_kb")):
             totals[k] += s[key]
     totals["tok_s"] = steps / (time.perf_counter() - start)
     return totals

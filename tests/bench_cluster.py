@@ -1,14 +1,17 @@
 """The cluster's sync over an emulated Pi network: root and workers each in a network namespace
 of their own, joined by a bridge (in a namespace too: nothing of this machine's network is
 touched), every link shaped like a Pi 5's gigabit port with tc netem (rate both ways, the one-way
-delay on the way out, MTU 9000), one thread per node, N = 2, 4 and 8 nodes.
+delay on the way out, MTU 9000), one thread per node (--nthreads), N = 2, 4 and 8 nodes.
 
 For each N, two models: the `bench` preset (Qwen3-30B-A3B's layer shape) and the `sync` preset
 (the same 2048-wide residual, so the same all-reduce payloads, with next to no compute): decode
 tok/s, sync ms per token and KB sent + received per token by the root, scaled to the real 48
-layers. The sync-only figure is the network's share; the bench figure adds the wait for the
-slowest node's compute (on this 2-core machine N processes share 2 cores: its skew is not a
-Pi's). Then the Pi 5 projection (tests/pi5_projection.py).
+layers, and the share of the root's bytes that left while the matmul producing them still ran
+(a node of one thread sends each partial whole: none; with --nthreads 2 or more it sends a
+one-token partial in pieces, which needs 2 x N cores to mean anything). The sync-only figure
+is the network's share; the bench figure adds the wait for the slowest node's compute (on
+this 2-core machine N processes share 2 cores: its skew is not a Pi's). Then the Pi 5
+projection (tests/pi5_projection.py).
 
 Run with `make bench-cluster` (root: ip netns, tc). Namespaces are named dlb<pid>-*, deleted on
 exit, also on an error or Ctrl-C.
@@ -119,12 +122,13 @@ def run_cluster(net: PiNetwork, model: Path, args, logs: Path) -> dict:
             with open(logs / f"worker{k}.log", "w") as log:
                 workers.append(subprocess.Popen(
                     net.exec(k, sys.executable, "-m", "dllama", "worker", "--host", net.address(k), "--port", str(PORT),
-                             "--nthreads", "1", "--timeout", str(args.worker_timeout)),
+                             "--nthreads", str(args.nthreads), "--timeout", str(args.worker_timeout)),
                     stdout=subprocess.DEVNULL, stderr=log))
         addresses = ",".join(f"{net.address(k)}:{PORT}" for k in range(1, len(net.names)))
         proc = subprocess.run(
             net.exec(0, sys.executable, str(Path(__file__)), "--root", str(model), "--workers", addresses,
-                     "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens)),
+                     "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens),
+                     "--nthreads", str(args.nthreads)),
             capture_output=True, text=True, timeout=args.run_timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"root failed (worker logs in {logs}):\n{proc.stderr[-3000:]}")
@@ -165,7 +169,7 @@ def root_main(args) -> None:
     for a in addresses:
         wait_listening(a)
     model = Path(args.root)
-    with Engine(model, nthreads=1, max_seq_len=args.prompt_tokens + args.decode_tokens + 8,
+    with Engine(model, nthreads=args.nthreads, max_seq_len=args.prompt_tokens + args.decode_tokens + 8,
                 workers=addresses) as engine:
         vocab = engine.config.vocab_size
         layers = engine.config.n_layers
@@ -181,7 +185,7 @@ def root_main(args) -> None:
     n = args.decode_tokens
     print(json.dumps(dict(
         layers=layers, tok_s=decode["tok_s"], sync_ms=decode["sync"] / n, sent_kb=decode["sent"] / n,
-        recv_kb=decode["recv"] / n, prefill_tok_s=args.prompt_tokens / prefill_s,
+        recv_kb=decode["recv"] / n, early_pct=100 * decode["early"] / max(decode["sent"], 1e-9), prefill_tok_s=args.prompt_tokens / prefill_s,
         prefill_sync_ms=prefill["sync_ms"] / args.prompt_tokens)))
 
 
@@ -192,6 +196,8 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=0.05, help="one-way delay per link (default 0.05)")
     parser.add_argument("--mtu", type=int, default=9000)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--nthreads", type=int, default=1,
+                        help="threads per node (1: what a 2-core machine can give N nodes)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--models", default="sync,bench", help="sync (network only), bench (with compute)")
@@ -211,9 +217,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # through the finally blocks below
     models = {m: model_path(m, args.layers) for m in args.models.split(",")}
     print(f"emulated Pi network: {args.rate} per link, {args.delay_ms} ms one-way delay, MTU {args.mtu}; "
-          f"1 thread per node; {args.layers} layers run, figures per token scaled to {REAL_LAYERS}")
+          f"{args.nthreads} thread(s) per node; {args.layers} layers run, figures per token scaled to {REAL_LAYERS}")
     print(f"{'nodes':>5} {'model':>6} {'decode tok/s':>12} {'sync ms/tok':>12} {'sync ms/tok @48L':>16} "
-          f"{'KB/tok @48L':>11} {'prefill sync ms/tok @48L':>24}", flush=True)
+          f"{'KB/tok @48L':>11} {'sent early %':>12} {'prefill sync ms/tok @48L':>24}", flush=True)
     results = {}
     delay_emulated = True
     for nodes in (int(x) for x in args.nodes.split(",")):
@@ -233,7 +239,8 @@ def main() -> None:
             scale = REAL_LAYERS / r["layers"]
             results[nodes, name] = dict(r, scale=scale)
             print(f"{nodes:5d} {name:>6} {r['tok_s']:12.2f} {r['sync_ms']:12.2f} {r['sync_ms'] * scale:16.2f} "
-                  f"{(r['sent_kb'] + r['recv_kb']) * scale:11.1f} {r['prefill_sync_ms'] * scale:24.3f}", flush=True)
+                  f"{(r['sent_kb'] + r['recv_kb']) * scale:11.1f} {r['early_pct']:12.0f} {r['prefill_sync_ms'] * scale:24.3f}",
+                  flush=True)
     # Every all-reduce is one exchange among all nodes at once (one one-way delay), two a layer,
     # plus the root's step message and the workers' replies: what a kernel without sch_netem
     # cannot delay is added to the projection's sync instead.

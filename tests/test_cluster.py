@@ -92,6 +92,36 @@ def test_a_cluster_reports_sync_time_and_traffic(models):
     assert stats["sync_ms"] > 0 and stats["sent_kb"] > 0 and stats["recv_kb"] > 0
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen3_q40"])
+@pytest.mark.parametrize("buffer", ["f32", "q80"])
+def test_a_decode_tokens_partials_leave_while_their_matmul_runs(models, arch, buffer):
+    # a one-token step hands each all-reduce's partial to the mesh a piece at a time (the tiny
+    # models' 64-wide residual: 2 pieces), and what the idle sockets take of the first piece
+    # leaves before the second is computed; a prompt's rows interleave the pieces: one piece.
+    # 2 threads a node: a piece is handed on by whichever thread completes it
+    with Workers(2, nthreads=2) as workers, Engine(models[arch], nthreads=2, max_seq_len=64, buffer_float_type=buffer,
+                                                   workers=workers.addresses, progress=False) as engine:
+        engine.forward(PROMPT)
+        prompt = engine.stats()
+        engine.forward([PROMPT[0]])
+        decode = engine.stats()
+    assert prompt["sent_early_kb"] == 0
+    # per all-reduce, to each of the 2 workers: the first of 2 pieces of one row
+    row_bytes = 64 // 32 * 34 if buffer == "q80" else 64 * 4
+    layers = 2
+    assert decode["sent_early_kb"] * 1024 == 2 * layers * 2 * row_bytes // 2
+
+
+def test_a_one_thread_node_sends_each_partial_whole(models):
+    # with one thread, the pieces' system calls would stall the matmul itself: one piece
+    with Workers(1, nthreads=1) as workers, Engine(models["qwen3_moe"], nthreads=1, max_seq_len=64,
+                                                   workers=workers.addresses, progress=False) as engine:
+        engine.forward(PROMPT)
+        engine.forward([PROMPT[0]])
+        decode = engine.stats()
+    assert decode["sent_kb"] > 0 and decode["sent_early_kb"] == 0
+
+
 @pytest.fixture
 def keyfiles(tmp_path):
     good, bad = tmp_path / "good.key", tmp_path / "bad.key"

@@ -197,7 +197,9 @@ class Mesh:
         (b'' for this node, 32 bytes shared with each other node): every message then carries a
         16-byte keyed BLAKE2b tag, and one that fails it is a NetworkError naming its sender."""
     def stats(self) -> dict[str, float]:
-        """Totals so far: "sent" and "received" (bytes), "sync_seconds", "mac_seconds"."""
+        """Totals so far: "sent" and "received" (bytes), "sent_early" (of sent: all-reduce bytes sent
+        before their partial was complete, while the matmul making the rest ran), "sync_seconds",
+        "mac_seconds"."""
 
 class Transformer:
     """One node's forward pass over its slice of the model."""

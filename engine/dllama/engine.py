@@ -192,6 +192,8 @@ class Engine:
             self._last_stats = {
                 "sync_ms": (after["sync_seconds"] - before["sync_seconds"]) * 1000,
                 "sent_kb": (after["sent"] - before["sent"]) / 1024,
+                # of sent_kb: the all-reduce bytes that left while the matmul making the rest ran
+                "sent_early_kb": (after["sent_early"] - before["sent_early"]) / 1024,
                 "recv_kb": (after["received"] - before["received"]) / 1024,
                 "mac_ms": (after["mac_seconds"] - before["mac_seconds"]) * 1000,
             }
