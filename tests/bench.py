@@ -87,9 +87,9 @@ def main() -> None:
     with Engine(model, nthreads=args.nthreads, max_seq_len=args.prompt_tokens + args.decode_tokens + 8) as engine:
         load_s = time.perf_counter() - start
         c = engine.config
-        # One timed prompt read 25, 40 and 84 tok/s in runs of the same build (the first long
-        # prompt after a load reaches memory no shorter step touched, and right after other
-        # work its pages may have left the page cache): one untimed prompt, then the median.
+        # One timed prompt read 25, 40 and 84 tok/s in runs of the same build (the low ones
+        # right after other heavy work; cause not pinned down): one untimed prompt, then the
+        # median of PREFILL_RUNS.
         times = []
         for _ in range(1 + PREFILL_RUNS):
             engine.reset()

@@ -72,11 +72,12 @@ def exposed_piece_ms(compute_ms: float, link_ms: list[float]) -> float:
 
 def overlapped_floor_ms(c, nodes: int) -> float:
     """network_floor_ms of a one-token step with every all-reduce's partial sent in pieces while
-    the matmul making it runs (a node of 2 or more threads does: a Pi runs 4): per all-reduce the one-way delay plus what of the link's work the
-    matmul cannot hide (the last piece's, and more where the link is slower than the matmul).
-    The producing matmuls (a node's share, read from DRAM at PI5_DRAM_GBS): the attention's
-    output projection (dim x q_dim / N) and the 8 active experts' down projections (dim x
-    moe_hidden / N each). A piece is its own segment (headers each); the tag rides on the last."""
+    the matmul making it runs (a node of 2 or more threads does: a Pi runs 4): per all-reduce
+    the one-way delay plus what of the link's work the matmul cannot hide (the last piece's, and
+    more where the link is slower than the matmul). The producing matmuls (a node's share, read
+    from DRAM at PI5_DRAM_GBS): the attention's output projection (dim x q_dim / N) and the 8
+    active experts' down projections (dim x moe_hidden / N each). A piece is its own segment
+    (headers each); the tag rides on the last."""
     from bench import matrix_bytes
 
     if nodes == 1:

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from .config import Arch, FloatType, HiddenAct, ModelConfig, RopeType
-from .model_file import ModelFileError, ModelWriter, header_keys, tensor_layout
 from .json_file import read_json_object
+from .model_file import ModelFileError, ModelWriter, header_keys, tensor_layout
 
 ARCHS = {"qwen3_moe": Arch.QWEN3_MOE, "qwen3": Arch.QWEN3, "llama": Arch.LLAMA}
 WEIGHT_TYPES = {"q40": FloatType.Q40, "f32": FloatType.F32}
