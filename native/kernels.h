@@ -49,7 +49,7 @@ struct Kernels {
     void (*matmul_f32)(float* y, size_t y_stride, const uint8_t* w, size_t w_stride,
                        const float* x, size_t x_stride, int n, int r0, int r1, int batch);
 
-    // The packer of the layout this set's matmul_q40x8_q80 reads (repack.h): the slot layout
+    // The packer of the nibble encoding this set's matmul_q40x8_q80 reads (repack.h): unsigned
     // unless a set names its own (last, so a set that does not keeps its initializer as it is).
     PackQ40Fn pack_q40 = pack_q40_groups;
 };

@@ -123,13 +123,13 @@ static void matmul_q40x8_q80_generic(float* y, size_t y_stride, const uint8_t* w
             float sum = 0.0f;
             for (int i = 0; i < nb; i++) {
                 const uint8_t* gb = group + size_t(i) * kQ40GroupBlockBytes;
-                const uint8_t* qs = gb + q40_group_qs_offset(k);
                 uint16_t d;
                 std::memcpy(&d, gb + 2 * k, 2);
                 int sumi = 0;
                 for (int j = 0; j < kBlockSize / 2; j++) {
-                    sumi += ((qs[j] & 0x0F) - 8) * xb[i].qs[j];
-                    sumi += ((qs[j] >> 4) - 8) * xb[i].qs[j + kBlockSize / 2];
+                    const uint8_t q = gb[q40_run_offset(j / 4) + 4 * k + j % 4];  // the Q40 block's byte j
+                    sumi += ((q & 0x0F) - 8) * xb[i].qs[j];
+                    sumi += ((q >> 4) - 8) * xb[i].qs[j + kBlockSize / 2];
                 }
                 sum += float(sumi) * (fp16_to_fp32(d) * fp16_to_fp32(xb[i].d));
             }

@@ -2,9 +2,9 @@
 // -march=armv8.2-a+dotprod+fp16, so everything here has internal linkage: nothing compiled for
 // those extensions can be shared with (and picked by the linker for) the portable code.
 //
-// Q40 x Q80 over rows packed in the lane layout (repack.h), exact in integers: a lane-indexed
-// vdotq multiplies one 16-byte run (4 rows x 4 weights, each 16 (n - 8) after one shift or mask
-// of the stored n ^ 8) with 4 activation bytes, leaving the 4 rows' sums in its 4 lanes; then
+// Q40 x Q80 over rows packed with signed nibbles (repack.h), exact in integers: a lane-indexed
+// vdotq multiplies one half run (16 bytes: 4 rows x 4 weights, each 16 (n - 8) after one shift or
+// mask of the stored n ^ 8) with 4 activation bytes, leaving the 4 rows' sums in its 4 lanes; then
 // convert and one FMA with d_w * d_x, and the result scaled by 1/16 once at the end (exact: a
 // power of two).
 #include <arm_neon.h>
@@ -211,7 +211,7 @@ void group_rows(const PackedCtx& ctx, int nb, const uint8_t* g, int b0, float* y
             dw[h] = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(g + 8 * (H0 + h))));
             #pragma GCC unroll 16
             for (int c = 0; c < 4; c++) {
-                const int8x16_t raw = vld1q_s8(reinterpret_cast<const int8_t*>(g + q40_lanes_run_offset(H0 + h, c)));
+                const int8x16_t raw = vld1q_s8(reinterpret_cast<const int8_t*>(g + q40_run_offset(c) + 16 * (H0 + h)));
                 lo[h][c] = vshlq_n_s8(raw, 4);   // 16 (n - 8), n the low nibble (stored n ^ 8)
                 hi[h][c] = vandq_s8(raw, high);  // the same of the high nibble
             }
@@ -367,7 +367,7 @@ const Kernels kNeon = {
     convert_f32_f16_neon,
     matmul_q40x8_q80_neon,
     matmul_f32_neon,
-    pack_q40_groups_lanes,
+    pack_q40_groups_signed,
 };
 
 }  // namespace

@@ -14,12 +14,10 @@ AlignedBytes alloc_packed_q40(int rows, int cols) {
 }
 
 // Written front to back (the destination is fresh memory: its first touch is the cost), the
-// eight source rows read side by side; place(gb, r, qs) puts row r's 16 nibble bytes into the
-// group-block gb. Padding rows: scale +0, zero bytes (weights -8 in the slot layout, 0 in the
-// lane layout: either way they add 0).
-template <typename Place>
+// eight source rows read side by side, each row's nibble bytes XOR flip (0, or 0x88 in every
+// byte). Padding rows are zero bytes (repack.h).
 static void pack_groups(const uint8_t* w, size_t row_stride, int rows, int cols, int g0, int g1, uint8_t* out,
-                        Place place) {
+                        uint32_t flip) {
     const int nb = cols / kBlockSize;
     for (int g = g0; g < g1; g++) {
         const BlockQ40* src[kQ40GroupRows];
@@ -31,25 +29,23 @@ static void pack_groups(const uint8_t* w, size_t row_stride, int rows, int cols,
             if (nr < kQ40GroupRows) std::memset(gb, 0, kQ40GroupBlockBytes);
             for (int r = 0; r < nr; r++) {
                 std::memcpy(gb + 2 * r, &src[r][i].d, 2);
-                place(gb, r, src[r][i].qs);
+                for (int c = 0; c < 4; c++) {
+                    uint32_t word;
+                    std::memcpy(&word, src[r][i].qs + 4 * c, 4);
+                    word ^= flip;
+                    std::memcpy(gb + q40_run_offset(c) + 4 * r, &word, 4);
+                }
             }
         }
     }
 }
 
 void pack_q40_groups(const uint8_t* w, size_t row_stride, int rows, int cols, int g0, int g1, uint8_t* out) {
-    pack_groups(w, row_stride, rows, cols, g0, g1, out, [](uint8_t* gb, int r, const uint8_t* qs) {
-        std::memcpy(gb + q40_group_qs_offset(r), qs, 16);
-    });
+    pack_groups(w, row_stride, rows, cols, g0, g1, out, 0);
 }
 
-void pack_q40_groups_lanes(const uint8_t* w, size_t row_stride, int rows, int cols, int g0, int g1, uint8_t* out) {
-    pack_groups(w, row_stride, rows, cols, g0, g1, out, [](uint8_t* gb, int r, const uint8_t* qs) {
-        for (int c = 0; c < 4; c++) {
-            uint8_t* run = gb + q40_lanes_run_offset(r / 4, c) + 4 * (r % 4);
-            for (int t = 0; t < 4; t++) run[t] = qs[4 * c + t] ^ 0x88;
-        }
-    });
+void pack_q40_groups_signed(const uint8_t* w, size_t row_stride, int rows, int cols, int g0, int g1, uint8_t* out) {
+    pack_groups(w, row_stride, rows, cols, g0, g1, out, 0x88888888u);
 }
 
 }  // namespace dllama

@@ -697,7 +697,7 @@ void test_matmul(const Kernels& k, const Kernels* ref) {
 
 // Every group-block of an 11 x 96 column slice (two groups, the second with 5 padding rows),
 // each row's scale and 32 weights read back through layout(gb, k, j) = the stored nibble of
-// row k's element j, its weight being nibble - 8 in both layouts.
+// row k's element j, its weight being nibble - 8 in both encodings.
 template <typename Read>
 bool packed_weights_match(PackQ40Fn pack, Read layout, uint8_t padding_nibble, std::string* detail) {
     const int rows = 11, nb = 3, extra = 2, col = 1;  // a column slice: 3 of 5 blocks, from block 1
@@ -728,26 +728,24 @@ bool packed_weights_match(PackQ40Fn pack, Read layout, uint8_t padding_nibble, s
     return ok;
 }
 
+// Element j of row k: run c = (j % 16) / 4 after the 16 bytes of scales, 32 bytes a run, byte
+// 4k + j % 4 of it, the low nibble for j < 16.
+uint8_t run_nibble(const uint8_t* gb, int k, int j) {
+    const uint8_t byte = gb[16 + 32 * ((j % 16) / 4) + 4 * k + j % 4];
+    return j < 16 ? byte & 0x0F : byte >> 4;
+}
+
 void test_pack_layout() {
     std::string detail;
-    bool ok = packed_weights_match(pack_q40_groups, [](const uint8_t* gb, int k, int j) {
-        const uint8_t byte = gb[q40_group_qs_offset(k) + j % 16];
-        return j < 16 ? byte & 0x0F : byte >> 4;
-    }, 0, &detail);
-    // slot order: rows 0 4 1 5 2 6 3 7 after the 16 bytes of scales
-    const int slots[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-    for (int s = 0; s < 8; s++) ok = ok && q40_group_qs_offset(slots[s]) == 16 + 16 * s;
-    check(ok, "pack_q40_groups: 64-byte aligned, scales then nibbles in slot order, zero padding rows", detail);
+    bool ok = packed_weights_match(pack_q40_groups, run_nibble, 0, &detail);
+    check(ok, "pack_q40_groups: 64-byte aligned, scales then 4 runs of 4-byte words of 8 rows, zero padding rows",
+          detail);
 
     detail.clear();
-    // element j of row k: run 4h + c, h = k / 4, c = (j % 16) / 4, byte 4 (k % 4) + j % 4, the
-    // low nibble for j < 16, stored XOR 8
-    ok = packed_weights_match(pack_q40_groups_lanes, [](const uint8_t* gb, int k, int j) {
-        const uint8_t byte = gb[q40_lanes_run_offset(k / 4, (j % 16) / 4) + 4 * (k % 4) + j % 4];
-        return (j < 16 ? byte & 0x0F : byte >> 4) ^ 8;
+    ok = packed_weights_match(pack_q40_groups_signed, [](const uint8_t* gb, int k, int j) {
+        return run_nibble(gb, k, j) ^ 8;
     }, 8, &detail);
-    check(ok, "pack_q40_groups_lanes: 64-byte aligned, scales then 4-byte lanes of 4 rows, nibbles ^ 8, padding weights 0",
-          detail);
+    check(ok, "pack_q40_groups_signed: the same runs, nibbles stored ^ 8, padding weights 0", detail);
 }
 
 struct PackedCase {
@@ -789,6 +787,7 @@ void test_matmul_packed(const Kernels& k) {
         {63, 2048, 5, 0, 63, 0, 0},      {64, 4096, 2, 0, 64, 0, 0},     {768, 2048, 1, 0, 768, 0, 0},
         {2048, 768, 1, 0, 2048, 0, 0},   {40, 64, 7, 8, 33, 2, 1},       {63, 2048, 16, 16, 63, 3, 2},
         {17, 32, 4, 8, 16, 1, 0},        {100, 96, 9, 96, 100, 4, 4},    {24, 2048, 1, 8, 9, 0, 0},
+        {24, 8192, 5, 8, 23, 1, 1},  // long rows: AVX2 meets the batch in passes of 2, 2 and 1 tokens
     };
     for (const PackedCase& c : cases) {
         double worst = 0;
